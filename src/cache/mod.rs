@@ -1,0 +1,509 @@
+//! The content-addressed artifact store.
+//!
+//! Layout under the cache directory:
+//!
+//! ```text
+//! entries/<key>/manifest.json   what made the entry, and the digest of out/
+//! entries/<key>/out/            the artifact
+//! tmp/<key>.<pid>.<n>/          entries being written; renamed into entries/ when complete
+//! locks/<hash>                  the path of each lock file that recorded keys here (for gc)
+//! ```
+//!
+//! An entry is written into `tmp/`, its files synced, its manifest written last, and the
+//! directory renamed into `entries/` in one step: a killed run leaves only a `tmp/`
+//! directory, which no run accepts and the next run removes. Reading an entry re-hashes
+//! its `out/` and compares with the manifest, so a tampered or rotten entry is refused.
+
+pub mod digest;
+pub mod lock;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+pub use digest::{TreeDigest, file_digest, tree_digest};
+pub use lock::{LockFile, LockRecord};
+
+/// Bumped when the meaning of an artifact or a key changes: every key changes with it.
+pub const CACHE_FORMAT: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cannot {action} `{path}`: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cache entry `{path}` is corrupt: {why}")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
+    let path = path.to_path_buf();
+    move |source| CacheError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
+/// What an entry's cache key is computed from.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeyMaterial<'a> {
+    pub kind: &'a str,
+    pub params: &'a serde_json::Value,
+    pub seed: u64,
+    /// Output digest of each input stage, by stage id.
+    pub inputs: &'a BTreeMap<String, String>,
+    /// What the stage adds itself (digests of declared files).
+    pub extra: &'a serde_json::Value,
+}
+
+impl KeyMaterial<'_> {
+    /// The cache key: BLAKE3 of the canonical JSON of the material and the cache format.
+    pub fn key(&self) -> String {
+        let value = serde_json::json!({
+            "format": CACHE_FORMAT,
+            "kind": self.kind,
+            "params": self.params,
+            "seed": self.seed,
+            "inputs": self.inputs,
+            "extra": self.extra,
+        });
+        let mut text = String::new();
+        canonical_json(&value, &mut text);
+        blake3::hash(text.as_bytes()).to_hex().to_string()
+    }
+}
+
+/// JSON with object keys sorted, whatever map type serde_json was built with.
+pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    match v {
+        serde_json::Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                out.push(':');
+                canonical_json(&map[k], out);
+            }
+            out.push('}');
+        }
+        serde_json::Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(item, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// What made an entry, stored beside its `out/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub kpipe_version: String,
+    pub key: String,
+    /// The node that produced it.
+    pub stage: String,
+    pub kind: String,
+    pub params: serde_json::Value,
+    pub seed: u64,
+    pub inputs: BTreeMap<String, String>,
+    pub extra: serde_json::Value,
+    /// Digest of `out/`.
+    pub output: String,
+    pub files: u64,
+    pub bytes: u64,
+    pub duration_s: f64,
+}
+
+/// A complete, verified entry.
+#[derive(Debug, Clone)]
+pub struct Entry {
+    pub dir: PathBuf,
+    pub manifest: Manifest,
+}
+
+impl Entry {
+    pub fn out(&self) -> PathBuf {
+        self.dir.join("out")
+    }
+}
+
+/// The store.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    root: PathBuf,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Cache {
+    /// Opens (creating) the cache at `root` and removes what killed runs left in `tmp/`.
+    pub fn open(root: &Path) -> Result<Cache, CacheError> {
+        for sub in ["entries", "tmp", "locks"] {
+            let d = root.join(sub);
+            std::fs::create_dir_all(&d).map_err(io("create cache directory", &d))?;
+        }
+        let root = std::fs::canonicalize(root).map_err(io("open cache directory", root))?;
+        let cache = Cache { root };
+        cache.remove_stale_tmp();
+        Ok(cache)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn entry_dir(&self, key: &str) -> PathBuf {
+        self.root.join("entries").join(key)
+    }
+
+    /// The entry for `key` as its manifest describes it, without re-hashing its content.
+    pub fn peek(&self, key: &str) -> Option<Entry> {
+        self.read_manifest(&self.entry_dir(key)).ok()
+    }
+
+    /// The entry for `key`, verified against its manifest; `None` if there is none.
+    pub fn get(&self, key: &str) -> Result<Option<Entry>, CacheError> {
+        let dir = self.entry_dir(key);
+        if !dir.exists() {
+            return Ok(None);
+        }
+        let entry = self.read_manifest(&dir)?;
+        let actual = tree_digest(&entry.out()).map_err(|e| CacheError::Corrupt {
+            path: dir.clone(),
+            why: format!("cannot hash `out/`: {e}"),
+        })?;
+        if actual.hex != entry.manifest.output {
+            return Err(CacheError::Corrupt {
+                path: dir,
+                why: format!(
+                    "its content digest is {} but its manifest records {}",
+                    short(&actual.hex),
+                    short(&entry.manifest.output)
+                ),
+            });
+        }
+        if entry.manifest.key != key {
+            return Err(CacheError::Corrupt {
+                path: dir,
+                why: format!("its manifest is for key {}", short(&entry.manifest.key)),
+            });
+        }
+        Ok(Some(entry))
+    }
+
+    fn read_manifest(&self, dir: &Path) -> Result<Entry, CacheError> {
+        let path = dir.join("manifest.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| CacheError::Corrupt {
+            path: dir.to_path_buf(),
+            why: format!("no readable manifest: {e}"),
+        })?;
+        let manifest: Manifest = serde_json::from_str(&text).map_err(|e| CacheError::Corrupt {
+            path: dir.to_path_buf(),
+            why: format!("invalid manifest: {e}"),
+        })?;
+        Ok(Entry {
+            dir: dir.to_path_buf(),
+            manifest,
+        })
+    }
+
+    /// Starts writing the entry for `key` in a private temporary directory.
+    pub fn begin(&self, key: &str) -> Result<EntryWriter, CacheError> {
+        let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tmp = self
+            .root
+            .join("tmp")
+            .join(format!("{key}.{}.{n}", std::process::id()));
+        for d in [tmp.join("out"), tmp.join("scratch")] {
+            std::fs::create_dir_all(&d).map_err(io("create", &d))?;
+        }
+        Ok(EntryWriter {
+            cache: self.clone(),
+            key: key.to_string(),
+            tmp,
+            done: false,
+        })
+    }
+
+    /// Every complete entry (unverified), sorted by key.
+    pub fn entries(&self) -> Result<Vec<Entry>, CacheError> {
+        let dir = self.root.join("entries");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).map_err(io("list", &dir))? {
+            let e = e.map_err(io("list", &dir))?;
+            match self.read_manifest(&e.path()) {
+                Ok(entry) => out.push(entry),
+                Err(err) => tracing::warn!("{err}"),
+            }
+        }
+        out.sort_by(|a, b| a.manifest.key.cmp(&b.manifest.key));
+        Ok(out)
+    }
+
+    /// Removes an entry (gc).
+    pub fn remove(&self, key: &str) -> Result<(), CacheError> {
+        let dir = self.entry_dir(key);
+        make_writable(&dir);
+        std::fs::remove_dir_all(&dir).map_err(io("remove", &dir))
+    }
+
+    /// Notes that `lock` records keys of this cache, so `gc` keeps what it references.
+    pub fn register_lock(&self, lock: &Path) -> Result<(), CacheError> {
+        let abs = std::path::absolute(lock).map_err(io("resolve", lock))?;
+        let name = blake3::hash(abs.as_os_str().as_encoded_bytes()).to_hex()[..16].to_string();
+        let path = self.root.join("locks").join(name);
+        std::fs::write(&path, abs.as_os_str().as_encoded_bytes()).map_err(io("write", &path))
+    }
+
+    /// The lock files registered with this cache that still exist.
+    pub fn lock_files(&self) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(rd) = std::fs::read_dir(self.root.join("locks")) {
+            for e in rd.flatten() {
+                if let Ok(text) = std::fs::read_to_string(e.path()) {
+                    let p = PathBuf::from(text);
+                    if p.is_file() {
+                        out.push(p);
+                    } else {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    /// Removes temporary directories whose writing process is gone.
+    fn remove_stale_tmp(&self) {
+        let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let pid = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok());
+            let alive = pid.is_some_and(|pid| {
+                pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
+            });
+            if !alive {
+                tracing::debug!("removing stale temporary entry `{name}`");
+                make_writable(&e.path());
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+fn short(hex: &str) -> &str {
+    &hex[..hex.len().min(12)]
+}
+
+/// An entry being written. Dropped without [`EntryWriter::commit`], it removes itself.
+pub struct EntryWriter {
+    cache: Cache,
+    key: String,
+    tmp: PathBuf,
+    done: bool,
+}
+
+impl EntryWriter {
+    /// The directory that becomes the artifact.
+    pub fn out(&self) -> PathBuf {
+        self.tmp.join("out")
+    }
+
+    /// A scratch directory removed with the writer.
+    pub fn scratch(&self) -> PathBuf {
+        self.tmp.join("scratch")
+    }
+
+    /// Hashes and syncs `out/`, writes the manifest, and moves the entry into place.
+    /// `manifest.output`, `files` and `bytes` are filled in here.
+    pub fn commit(mut self, mut manifest: Manifest) -> Result<Entry, CacheError> {
+        let out = self.out();
+        let scratch = self.scratch();
+        make_writable(&scratch);
+        std::fs::remove_dir_all(&scratch).map_err(io("remove", &scratch))?;
+        let digest = tree_digest(&out).map_err(io("hash", &out))?;
+        sync_tree(&out).map_err(io("sync", &out))?;
+        manifest.output = digest.hex;
+        manifest.files = digest.files;
+        manifest.bytes = digest.bytes;
+        manifest.key = self.key.clone();
+        let mpath = self.tmp.join("manifest.json");
+        let text = serde_json::to_string_pretty(&manifest)
+            .map_err(|e| io("serialise", &mpath)(std::io::Error::other(e)))?;
+        write_synced(&mpath, text.as_bytes()).map_err(io("write", &mpath))?;
+        set_readonly(&out);
+        let dest = self.cache.entry_dir(&self.key);
+        match std::fs::rename(&self.tmp, &dest) {
+            Ok(()) => {}
+            // Another run committed the same key first: same key, same content.
+            Err(_) if dest.join("manifest.json").is_file() => {}
+            Err(e) => return Err(io("move into place", &dest)(e)),
+        }
+        if let Ok(d) = std::fs::File::open(dest.parent().unwrap_or(&dest)) {
+            let _ = d.sync_all();
+        }
+        self.done = true;
+        Ok(Entry {
+            dir: dest,
+            manifest,
+        })
+    }
+}
+
+impl Drop for EntryWriter {
+    fn drop(&mut self) {
+        if self.tmp.exists() {
+            make_writable(&self.tmp);
+            let _ = std::fs::remove_dir_all(&self.tmp);
+        }
+        let _ = self.done;
+    }
+}
+
+/// Writes a file and syncs it to disk.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+/// Writes a file atomically: to a sibling temporary, then renamed over `path`.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    write_synced(&tmp, bytes)?;
+    std::fs::rename(&tmp, path)
+}
+
+fn sync_tree(root: &Path) -> std::io::Result<()> {
+    for e in walkdir::WalkDir::new(root) {
+        let e = e.map_err(std::io::Error::other)?;
+        if e.file_type().is_file() {
+            std::fs::File::open(e.path())?.sync_all()?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(root: &Path, readonly: bool) {
+    for e in walkdir::WalkDir::new(root).into_iter().flatten() {
+        if e.file_type().is_symlink() {
+            continue;
+        }
+        if let Ok(meta) = e.metadata() {
+            let mut perm = meta.permissions();
+            if e.file_type().is_dir() && readonly {
+                continue; // directories stay writable so gc can remove entries
+            }
+            #[allow(clippy::permissions_set_readonly_false)]
+            perm.set_readonly(readonly);
+            let _ = std::fs::set_permissions(e.path(), perm);
+        }
+    }
+}
+
+/// Cached files are read-only, so a stage cannot edit an input in place by mistake.
+fn set_readonly(root: &Path) {
+    set_mode(root, true);
+}
+
+fn make_writable(root: &Path) {
+    set_mode(root, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn manifest() -> Manifest {
+        Manifest {
+            format: CACHE_FORMAT,
+            kpipe_version: "test".into(),
+            key: String::new(),
+            stage: "s".into(),
+            kind: "command".into(),
+            params: serde_json::Value::Null,
+            seed: 0,
+            inputs: BTreeMap::new(),
+            extra: serde_json::Value::Null,
+            output: String::new(),
+            files: 0,
+            bytes: 0,
+            duration_s: 0.0,
+        }
+    }
+
+    #[test]
+    fn keys_ignore_map_order_but_not_values() {
+        let inputs = BTreeMap::new();
+        let p1 = serde_json::json!({"a": 1, "b": [1, 2]});
+        let p2: serde_json::Value = serde_json::from_str(r#"{"b": [1, 2], "a": 1}"#).unwrap();
+        let p3 = serde_json::json!({"a": 2, "b": [1, 2]});
+        let k = |p: &serde_json::Value| {
+            KeyMaterial {
+                kind: "x",
+                params: p,
+                seed: 1,
+                inputs: &inputs,
+                extra: &serde_json::Value::Null,
+            }
+            .key()
+        };
+        assert_eq!(k(&p1), k(&p2));
+        assert_ne!(k(&p1), k(&p3));
+    }
+
+    #[test]
+    fn committed_entries_verify_and_tampering_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let w = cache.begin("k1").unwrap();
+        std::fs::write(w.out().join("a.txt"), "hello").unwrap();
+        let entry = w.commit(manifest()).unwrap();
+        assert_eq!(entry.manifest.files, 1);
+        assert!(cache.get("k1").unwrap().is_some());
+        assert!(cache.get("k2").unwrap().is_none());
+        let f = entry.out().join("a.txt");
+        make_writable(&f);
+        std::fs::write(&f, "hellO").unwrap();
+        assert!(matches!(cache.get("k1"), Err(CacheError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn an_uncommitted_writer_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        {
+            let w = cache.begin("k1").unwrap();
+            std::fs::write(w.out().join("a.txt"), "partial").unwrap();
+        }
+        assert!(cache.peek("k1").is_none());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,575 @@
+//! The second pass: a merged [`Document`] to a validated [`PipelineSpec`].
+
+use std::path::{Path, PathBuf};
+
+use codespan_reporting::diagnostic::{Diagnostic, Label};
+use serde::Deserialize;
+use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
+use toml::Value;
+
+use super::diagnostics::{ConfigError, Located, Problems, Sources, closest};
+use super::document::{Document, Override, join, stage_hint};
+use crate::stages::{self, CheckContext, DynStage, ParamIssue};
+
+/// A pipeline whose every stage is checked: ready to be compiled into a [`crate::graph::Plan`].
+pub struct PipelineSpec {
+    pub name: String,
+    pub seed: u64,
+    /// The pipeline file as given, and its directory.
+    pub file: PathBuf,
+    pub dir: PathBuf,
+    pub profile: Option<String>,
+    /// Stages sorted by id.
+    pub stages: Vec<StageSpec>,
+}
+
+/// One checked stage.
+pub struct StageSpec {
+    pub id: String,
+    /// Seed of this stage: from the pipeline seed and the id, never from the clock.
+    pub seed: u64,
+    pub stage: Box<dyn DynStage>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+struct Header {
+    name: String,
+    #[serde(default)]
+    seed: u64,
+    #[serde(default = "format_version")]
+    version: i64,
+    #[serde(default)]
+    #[allow(dead_code)]
+    description: Option<String>,
+}
+
+fn format_version() -> i64 {
+    super::FORMAT_VERSION
+}
+
+/// Reads, merges and checks a pipeline file; every problem is reported at once.
+pub fn load(
+    file: &Path,
+    profile: Option<&str>,
+    overrides: &[Override],
+) -> Result<PipelineSpec, ConfigError> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        ConfigError::plain(
+            format!("cannot read pipeline file `{}`: {e}", file.display()),
+            vec![],
+        )
+    })?;
+    let mut sources = Sources::default();
+    let mut problems = Problems::default();
+    let name = file.display().to_string();
+    let doc = Document::load(
+        &name,
+        &text,
+        profile,
+        overrides,
+        &mut sources,
+        &mut problems,
+    );
+    let spec = doc.and_then(|doc| {
+        let dir = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        check(&doc, file, &dir, profile, &mut problems)
+    });
+    match spec {
+        Some(spec) if problems.is_empty() => Ok(spec),
+        _ => Err(ConfigError::new(sources, problems.list)),
+    }
+}
+
+fn check(
+    doc: &Document,
+    file: &Path,
+    dir: &Path,
+    profile: Option<&str>,
+    problems: &mut Problems,
+) -> Option<PipelineSpec> {
+    for key in doc.root.keys() {
+        if key != "pipeline" && key != "stages" {
+            problems.error(
+                format!("unknown top-level key `{key}`"),
+                doc.key_at(key),
+                "unknown key",
+                vec!["hint: a pipeline file holds `[pipeline]`, `[stages.<id>]` and `[profiles.<name>]` tables".into()],
+            );
+        }
+    }
+    let header = match doc.root.get("pipeline") {
+        None => {
+            problems.error(
+                "missing `[pipeline]` table",
+                None,
+                "",
+                vec!["hint: add `[pipeline]` with `name` and `seed`".into()],
+            );
+            None
+        }
+        Some(v) => {
+            let (header, issues) = parse_params::<Header>(v.clone());
+            report(doc, "pipeline", issues, problems);
+            header
+        }
+    };
+    if let Some(h) = &header
+        && h.version != super::FORMAT_VERSION
+    {
+        problems.error(
+            format!("unsupported pipeline format version {}", h.version),
+            doc.value_at("pipeline.version"),
+            format!("this kpipe reads version {}", super::FORMAT_VERSION),
+            vec![],
+        );
+    }
+    let ctx = CheckContext { pipeline_dir: dir };
+    let mut stages = Vec::new();
+    match doc.root.get("stages") {
+        Some(Value::Table(table)) => {
+            for (id, value) in table {
+                if let Some(stage) = check_stage(doc, id, value, &ctx, problems) {
+                    stages.push(StageSpec {
+                        id: id.clone(),
+                        seed: 0,
+                        stage,
+                    });
+                }
+            }
+        }
+        Some(_) => problems.error(
+            "`stages` must be a table",
+            doc.value_at("stages"),
+            "expected `[stages.<id>]` tables",
+            vec![],
+        ),
+        None => problems.error(
+            "the pipeline has no stages",
+            None,
+            "",
+            vec!["hint: add a `[stages.<id>]` table".into()],
+        ),
+    }
+    stages.sort_by(|a, b| a.id.cmp(&b.id));
+    let all_ids: Vec<&str> = match doc.root.get("stages") {
+        Some(Value::Table(t)) => t.keys().map(String::as_str).collect(),
+        _ => vec![],
+    };
+    check_references(doc, &stages, &all_ids, problems);
+    let header = header?;
+    for s in &mut stages {
+        s.seed = stage_seed(header.seed, &s.id);
+    }
+    Some(PipelineSpec {
+        name: header.name,
+        seed: header.seed,
+        file: file.to_path_buf(),
+        dir: dir.to_path_buf(),
+        profile: profile.map(str::to_string),
+        stages,
+    })
+}
+
+fn check_stage(
+    doc: &Document,
+    id: &str,
+    value: &Value,
+    ctx: &CheckContext,
+    problems: &mut Problems,
+) -> Option<Box<dyn DynStage>> {
+    let path = format!("stages.{id}");
+    if id.is_empty()
+        || !id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        problems.error(
+            format!("invalid stage id `{id}`"),
+            doc.key_at(&path),
+            "ids use letters, digits, `-` and `_`",
+            vec!["hint: `.` separates a stage from its output in references, so ids cannot contain it".into()],
+        );
+        return None;
+    }
+    let Value::Table(table) = value else {
+        problems.error(
+            format!("stage `{id}` must be a table"),
+            doc.value_at(&path),
+            "expected a table",
+            vec![],
+        );
+        return None;
+    };
+    let kinds: Vec<&str> = stages::KINDS.iter().map(|k| k.name).collect();
+    let kind_hint = format!(
+        "hint: kinds are {}",
+        kinds
+            .iter()
+            .map(|k| format!("`{k}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let kind = match table.get("kind") {
+        Some(Value::String(k)) => match stages::kind(k) {
+            Some(kind) => kind,
+            None => {
+                let hint = closest(k, kinds.iter().copied())
+                    .map_or(kind_hint, |c| format!("hint: did you mean `{c}`?"));
+                problems.error(
+                    format!("unknown stage kind `{k}`"),
+                    doc.value_at(&join(&path, "kind")),
+                    "unknown kind",
+                    vec![hint],
+                );
+                return None;
+            }
+        },
+        Some(_) => {
+            problems.error(
+                "`kind` must be a string",
+                doc.value_at(&join(&path, "kind")),
+                "expected a string",
+                vec![kind_hint],
+            );
+            return None;
+        }
+        None => {
+            problems.error(
+                format!("stage `{id}` has no `kind`"),
+                doc.key_at(&path),
+                "missing `kind`",
+                vec![kind_hint],
+            );
+            return None;
+        }
+    };
+    let mut params = table.clone();
+    params.remove("kind");
+    match kind.configure(Value::Table(params), ctx) {
+        Ok(stage) => Some(stage),
+        Err(issues) => {
+            report(doc, &path, issues, problems);
+            None
+        }
+    }
+}
+
+fn report(doc: &Document, prefix: &str, issues: Vec<ParamIssue>, problems: &mut Problems) {
+    for issue in issues {
+        let path = join(prefix, &issue.path);
+        let (at, label) = if issue.on_key {
+            (doc.key_at(&path), "unknown key")
+        } else {
+            (doc.value_at(&path), "here")
+        };
+        let notes = issue.hint.into_iter().collect();
+        problems.error(format!("`{path}`: {}", issue.message), at, label, notes);
+    }
+}
+
+/// Unknown references and cycles between stages.
+fn check_references(
+    doc: &Document,
+    stages: &[StageSpec],
+    all_ids: &[&str],
+    problems: &mut Problems,
+) {
+    let valid: Vec<String> = stages
+        .iter()
+        .flat_map(|s| {
+            std::iter::once(s.id.clone()).chain(
+                s.stage
+                    .outputs()
+                    .iter()
+                    .map(move |o| format!("{}.{o}", s.id)),
+            )
+        })
+        .collect();
+    let mut edges: Vec<(usize, usize, Option<Located>)> = Vec::new();
+    for (to, s) in stages.iter().enumerate() {
+        for (param, r) in s.stage.inputs() {
+            let at = doc.value_at(&format!("stages.{}.{param}", s.id)).cloned();
+            let Some(from) = stages.iter().position(|t| t.id == r.stage()) else {
+                if all_ids.contains(&r.stage()) {
+                    continue; // the referenced stage has its own errors
+                }
+                let mut hint = stage_hint(r.stage(), all_ids);
+                if !valid.is_empty() {
+                    hint = format!(
+                        "{hint}\nhint: valid references: {}",
+                        valid
+                            .iter()
+                            .map(|v| format!("`{v}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    );
+                }
+                problems.error(
+                    format!("unknown reference `{r}` in stage `{}`", s.id),
+                    at.as_ref(),
+                    "no stage with this id",
+                    vec![hint],
+                );
+                continue;
+            };
+            if let Some(port) = r.port() {
+                let outputs = stages[from].stage.outputs();
+                if !outputs.contains(&port) {
+                    let hint = if outputs.is_empty() {
+                        format!(
+                            "hint: a `{}` stage has one output: reference it as `{}`",
+                            stages[from].stage.kind(),
+                            r.stage()
+                        )
+                    } else {
+                        format!(
+                            "hint: `{}` outputs {}",
+                            r.stage(),
+                            outputs
+                                .iter()
+                                .map(|o| format!("`{}.{o}`", r.stage()))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        )
+                    };
+                    problems.error(
+                        format!("unknown output `{port}` of stage `{}`", r.stage()),
+                        at.as_ref(),
+                        "no such output",
+                        vec![hint],
+                    );
+                    continue;
+                }
+            }
+            edges.push((from, to, at));
+        }
+    }
+    for group in crate::graph::cycles(stages.len(), edges.iter().map(|(f, t, _)| (*f, *t))) {
+        let names: Vec<&str> = group.iter().map(|&i| stages[i].id.as_str()).collect();
+        let labels: Vec<Label<usize>> = edges
+            .iter()
+            .filter(|(f, t, _)| group.contains(f) && group.contains(t))
+            .filter_map(|(f, t, at)| {
+                at.as_ref().map(|at| {
+                    Label::primary(at.file, at.span.clone())
+                        .with_message(format!("`{}` reads `{}`", stages[*t].id, stages[*f].id))
+                })
+            })
+            .collect();
+        let mut cycle = names.clone();
+        cycle.push(names[0]);
+        problems.push(
+            Diagnostic::error()
+                .with_message(format!(
+                    "dependency cycle between stages {}",
+                    cycle
+                        .iter()
+                        .map(|n| format!("`{n}`"))
+                        .collect::<Vec<_>>()
+                        .join(" -> ")
+                ))
+                .with_labels(labels)
+                .with_notes(vec![
+                    "hint: a stage cannot read its own output, directly or through others".into(),
+                ]),
+        );
+    }
+}
+
+/// The seed of stage `id`: a hash of the pipeline seed and the id.
+pub fn stage_seed(pipeline_seed: u64, id: &str) -> u64 {
+    let mut h = blake3::Hasher::new_derive_key("kpipe stage seed v1");
+    h.update(&pipeline_seed.to_le_bytes());
+    h.update(id.as_bytes());
+    let bytes = h.finalize();
+    u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
+}
+
+/// Deserializes `T` from a table, collecting every unknown key and every bad value
+/// (serde stops at the first error, so the culprit is removed and the rest retried).
+pub(crate) fn parse_params<T: DeserializeOwned>(value: Value) -> (Option<T>, Vec<ParamIssue>) {
+    let fields = field_names::<T>();
+    let mut issues = Vec::new();
+    let mut value = value;
+    let mut removed: Vec<String> = Vec::new();
+    for _ in 0..64 {
+        let mut unknown = Vec::new();
+        let result: Result<T, _> = serde_path_to_error::deserialize(
+            serde_ignored::Deserializer::new(value.clone(), &mut |p: serde_ignored::Path| {
+                unknown.push(ignored_path(&p))
+            }),
+        );
+        for path in unknown {
+            if issues
+                .iter()
+                .any(|i: &ParamIssue| i.on_key && i.path == path)
+            {
+                continue; // seen in an earlier attempt
+            }
+            let last = path.rsplit('.').next().unwrap_or(&path).to_string();
+            let mut issue = ParamIssue::new(path.clone(), "unknown key");
+            issue.on_key = true;
+            if !path.contains('.') {
+                if let Some(c) = closest(&last, fields.iter().copied()) {
+                    issue.hint = Some(format!("hint: did you mean `{c}`?"));
+                } else if !fields.is_empty() {
+                    issue.hint = Some(format!(
+                        "hint: keys are {}",
+                        fields
+                            .iter()
+                            .map(|f| format!("`{f}`"))
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ));
+                }
+            }
+            issues.push(issue);
+        }
+        match result {
+            Ok(t) => return (if issues.is_empty() { Some(t) } else { None }, issues),
+            Err(e) => {
+                let segments = error_path(e.path());
+                let message = e.into_inner().message().trim().to_string();
+                // A missing field that we removed ourselves is a consequence, not a problem.
+                let is_ours = message.starts_with("missing field")
+                    && removed.iter().any(|r| message.contains(&format!("`{r}`")));
+                if !is_ours {
+                    issues.push(ParamIssue::new(segments.join("."), message));
+                }
+                let Some(first) = segments.first().cloned() else {
+                    return (None, issues);
+                };
+                let gone = match &mut value {
+                    Value::Table(t) => t.remove(&first).is_some(),
+                    _ => false,
+                };
+                if !gone {
+                    return (None, issues);
+                }
+                removed.push(first);
+            }
+        }
+    }
+    (None, issues)
+}
+
+fn ignored_path(p: &serde_ignored::Path) -> String {
+    use serde_ignored::Path as P;
+    match p {
+        P::Root => String::new(),
+        P::Seq { parent, index } => join(&ignored_path(parent), &index.to_string()),
+        P::Map { parent, key } => join(&ignored_path(parent), key),
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            ignored_path(parent)
+        }
+    }
+}
+
+fn error_path(p: &serde_path_to_error::Path) -> Vec<String> {
+    use serde_path_to_error::Segment as S;
+    p.iter()
+        .filter_map(|s| match s {
+            S::Seq { index } => Some(index.to_string()),
+            S::Map { key } => Some(key.clone()),
+            S::Enum { variant } => Some(variant.clone()),
+            S::Unknown => None,
+        })
+        .collect()
+}
+
+/// The field names of a struct, read from its `Deserialize` impl (for "did you mean").
+fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
+    struct Probe<'a>(&'a mut &'static [&'static str]);
+    #[derive(Debug)]
+    struct Stop;
+    impl std::fmt::Display for Stop {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("stop")
+        }
+    }
+    impl std::error::Error for Stop {}
+    impl de::Error for Stop {
+        fn custom<M: std::fmt::Display>(_: M) -> Self {
+            Stop
+        }
+    }
+    impl<'de> Deserializer<'de> for Probe<'_> {
+        type Error = Stop;
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
+            Err(Stop)
+        }
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Stop> {
+            *self.0 = fields;
+            Err(Stop)
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut fields: &'static [&'static str] = &[];
+    let _ = T::deserialize(Probe(&mut fields));
+    fields
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Debug)]
+    #[serde(rename_all = "kebab-case")]
+    #[allow(dead_code)]
+    struct P {
+        epochs: u32,
+        #[serde(default)]
+        batch_size: u32,
+        name: String,
+    }
+
+    #[test]
+    fn parse_params_reports_every_problem() {
+        let v: Value = toml::from_str("epochs = \"x\"\nbatch-sise = 3\nname = 4\n").unwrap();
+        let (p, issues) = parse_params::<P>(v);
+        assert!(p.is_none());
+        let mut paths: Vec<_> = issues.iter().map(|i| (i.path.as_str(), i.on_key)).collect();
+        paths.sort();
+        assert_eq!(
+            paths,
+            vec![("batch-sise", true), ("epochs", false), ("name", false)]
+        );
+        let typo = issues.iter().find(|i| i.path == "batch-sise").unwrap();
+        assert_eq!(
+            typo.hint.as_deref(),
+            Some("hint: did you mean `batch-size`?")
+        );
+    }
+
+    #[test]
+    fn parse_params_reports_missing_fields() {
+        let (p, issues) = parse_params::<P>(toml::from_str("epochs = 3").unwrap());
+        assert!(p.is_none());
+        assert_eq!(issues.len(), 1);
+        assert!(
+            issues[0].message.contains("missing field `name`"),
+            "{issues:?}"
+        );
+    }
+
+    #[test]
+    fn stage_seeds_depend_on_seed_and_id() {
+        assert_eq!(stage_seed(1, "a"), stage_seed(1, "a"));
+        assert_ne!(stage_seed(1, "a"), stage_seed(2, "a"));
+        assert_ne!(stage_seed(1, "a"), stage_seed(1, "b"));
+    }
+}

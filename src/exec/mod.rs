@@ -1,0 +1,416 @@
+//! The executor: runs a [`Plan`] against a [`Cache`].
+//!
+//! Nodes whose inputs are ready run concurrently, up to `jobs` at a time; nodes that
+//! train take one of `device_slots` too, so two trainings never share one device. Each
+//! node's key is computed once its inputs' output digests are known; a node whose key is
+//! in the cache is not run. A failed node skips its dependents and lets independent
+//! nodes finish (or, with `fail_fast`, stops starting new ones). Events go to a
+//! [`Reporter`]; nothing here draws on the terminal.
+
+mod preview;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::mpsc;
+use std::time::Instant;
+
+pub use preview::{NodePreview, PreviewStatus, preview};
+
+use crate::cache::{
+    CACHE_FORMAT, Cache, CacheError, Entry, KeyMaterial, LockFile, LockRecord, Manifest,
+};
+use crate::graph::Plan;
+use crate::stages::{CheckContext, Progress, RunContext, StageError};
+
+/// What happens to nodes, as it happens.
+#[derive(Debug)]
+pub enum Event<'a> {
+    /// The run starts with this many nodes.
+    Planned {
+        nodes: usize,
+    },
+    Cached {
+        id: &'a str,
+    },
+    Started {
+        id: &'a str,
+    },
+    Progress {
+        id: &'a str,
+        progress: &'a Progress,
+    },
+    Finished {
+        id: &'a str,
+        seconds: f64,
+    },
+    Failed {
+        id: &'a str,
+        error: &'a str,
+    },
+    Skipped {
+        id: &'a str,
+        reason: &'a str,
+    },
+}
+
+/// Receives [`Event`]s; the CLI draws them, tests record them.
+pub trait Reporter: Sync {
+    fn event(&self, event: Event<'_>);
+}
+
+/// A reporter that drops everything.
+pub struct Silent;
+
+impl Reporter for Silent {
+    fn event(&self, _: Event<'_>) {}
+}
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Nodes running at once.
+    pub jobs: usize,
+    /// Nodes that need a device (training) running at once: one per GPU, one on CPU.
+    pub device_slots: usize,
+    pub fail_fast: bool,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            device_slots: 1,
+            fail_fast: false,
+        }
+    }
+}
+
+/// How a node ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Ran {
+        output: String,
+        seconds: f64,
+    },
+    Cached {
+        output: String,
+    },
+    Failed {
+        error: String,
+    },
+    /// Its cache entry failed verification.
+    Corrupt {
+        error: String,
+    },
+    Skipped {
+        reason: String,
+    },
+}
+
+/// The result of a run, one outcome per node in plan order.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub outcomes: Vec<(String, Outcome)>,
+}
+
+impl RunSummary {
+    pub fn count(&self, f: impl Fn(&Outcome) -> bool) -> usize {
+        self.outcomes.iter().filter(|(_, o)| f(o)).count()
+    }
+
+    /// 0 all done, 3 a corrupt cache entry, 1 a failed or skipped node.
+    pub fn exit_code(&self) -> i32 {
+        if self.count(|o| matches!(o, Outcome::Corrupt { .. })) > 0 {
+            3
+        } else if self.count(|o| matches!(o, Outcome::Failed { .. } | Outcome::Skipped { .. })) > 0
+        {
+            1
+        } else {
+            0
+        }
+    }
+}
+
+/// A node's key and what it was computed from.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeKey {
+    pub key: String,
+    pub inputs: BTreeMap<String, String>,
+    pub extra: serde_json::Value,
+}
+
+/// The key of node `i`, given the output digests known so far; `None` while an input's
+/// digest is unknown.
+pub(crate) fn node_key(
+    plan: &Plan,
+    i: usize,
+    digests: &[Option<String>],
+) -> Result<Option<NodeKey>, StageError> {
+    let st = &plan.spec.stages[i];
+    let mut inputs = BTreeMap::new();
+    for d in plan.dependencies(i) {
+        match &digests[d] {
+            Some(digest) => inputs.insert(plan.spec.stages[d].id.clone(), digest.clone()),
+            None => return Ok(None),
+        };
+    }
+    let extra = st.stage.key_material(&CheckContext {
+        pipeline_dir: &plan.spec.dir,
+    })?;
+    let params = st.stage.params();
+    let key = KeyMaterial {
+        kind: st.stage.kind(),
+        params: &params,
+        seed: st.seed,
+        inputs: &inputs,
+        extra: &extra,
+    }
+    .key();
+    Ok(Some(NodeKey { key, inputs, extra }))
+}
+
+enum State {
+    Waiting,
+    Running,
+    Done { key: NodeKey, entry: Box<Entry> },
+    Ended,
+}
+
+/// Runs every node that is not cached, then records the lock file.
+pub fn run(
+    plan: &Plan,
+    cache: &Cache,
+    opts: &RunOptions,
+    reporter: &dyn Reporter,
+) -> Result<RunSummary, CacheError> {
+    let n = plan.len();
+    let mut state: Vec<State> = (0..n).map(|_| State::Waiting).collect();
+    let mut digests: Vec<Option<String>> = vec![None; n];
+    let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
+    reporter.event(Event::Planned { nodes: n });
+    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<(Entry, f64), String>)>();
+    std::thread::scope(|scope| {
+        let (mut running, mut device_busy, mut stop) = (0usize, 0usize, false);
+        loop {
+            for &i in plan.order() {
+                if !matches!(state[i], State::Waiting) || stop {
+                    continue;
+                }
+                let id = plan.spec.stages[i].id.as_str();
+                let deps = plan.dependencies(i);
+                if let Some(&bad) = deps.iter().find(|&&d| {
+                    matches!(
+                        outcomes[d],
+                        Some(
+                            Outcome::Failed { .. }
+                                | Outcome::Corrupt { .. }
+                                | Outcome::Skipped { .. }
+                        )
+                    )
+                }) {
+                    let reason = format!("input `{}` did not complete", plan.spec.stages[bad].id);
+                    reporter.event(Event::Skipped {
+                        id,
+                        reason: &reason,
+                    });
+                    outcomes[i] = Some(Outcome::Skipped { reason });
+                    state[i] = State::Ended;
+                    continue;
+                }
+                if deps.iter().any(|&d| digests[d].is_none()) {
+                    continue;
+                }
+                let key = match node_key(plan, i, &digests) {
+                    Ok(Some(k)) => k,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        let error = e.to_string();
+                        reporter.event(Event::Failed { id, error: &error });
+                        outcomes[i] = Some(Outcome::Failed { error });
+                        state[i] = State::Ended;
+                        stop |= opts.fail_fast;
+                        continue;
+                    }
+                };
+                match cache.get(&key.key) {
+                    Ok(Some(entry)) => {
+                        reporter.event(Event::Cached { id });
+                        digests[i] = Some(entry.manifest.output.clone());
+                        outcomes[i] = Some(Outcome::Cached {
+                            output: entry.manifest.output.clone(),
+                        });
+                        state[i] = State::Done {
+                            key,
+                            entry: Box::new(entry),
+                        };
+                        continue;
+                    }
+                    Err(e) => {
+                        let error =
+                            format!("{e}\nhint: remove it (`kpipe gc --corrupt`) and run again");
+                        reporter.event(Event::Failed { id, error: &error });
+                        outcomes[i] = Some(Outcome::Corrupt { error });
+                        state[i] = State::Ended;
+                        stop |= opts.fail_fast;
+                        continue;
+                    }
+                    Ok(None) => {}
+                }
+                let device = plan.spec.stages[i].stage.uses_device();
+                if running >= opts.jobs.max(1)
+                    || (device && device_busy >= opts.device_slots.max(1))
+                {
+                    continue;
+                }
+                running += 1;
+                device_busy += usize::from(device);
+                state[i] = State::Running;
+                reporter.event(Event::Started { id });
+                let inputs: BTreeMap<String, PathBuf> = deps
+                    .iter()
+                    .filter_map(|&d| match &state[d] {
+                        State::Done { entry, .. } => {
+                            Some((plan.spec.stages[d].id.clone(), entry.out()))
+                        }
+                        _ => None,
+                    })
+                    .collect();
+                let tx = tx.clone();
+                scope.spawn(move || {
+                    let result = run_node(plan, cache, i, &key, &inputs, reporter);
+                    let _ = tx.send((i, key, result));
+                });
+            }
+            if running == 0 {
+                break;
+            }
+            let Ok((i, key, result)) = rx.recv() else {
+                break;
+            };
+            running -= 1;
+            let id = plan.spec.stages[i].id.as_str();
+            if plan.spec.stages[i].stage.uses_device() {
+                device_busy -= 1;
+            }
+            match result {
+                Ok((entry, seconds)) => {
+                    reporter.event(Event::Finished { id, seconds });
+                    digests[i] = Some(entry.manifest.output.clone());
+                    outcomes[i] = Some(Outcome::Ran {
+                        output: entry.manifest.output.clone(),
+                        seconds,
+                    });
+                    state[i] = State::Done {
+                        key,
+                        entry: Box::new(entry),
+                    };
+                }
+                Err(error) => {
+                    reporter.event(Event::Failed { id, error: &error });
+                    outcomes[i] = Some(Outcome::Failed { error });
+                    state[i] = State::Ended;
+                    stop |= opts.fail_fast;
+                }
+            }
+        }
+    });
+    let summary = RunSummary {
+        outcomes: plan
+            .order()
+            .iter()
+            .map(|&i| {
+                let outcome = outcomes[i].clone().unwrap_or(Outcome::Skipped {
+                    reason: "not started after an earlier failure (--fail-fast)".into(),
+                });
+                (plan.spec.stages[i].id.clone(), outcome)
+            })
+            .collect(),
+    };
+    record_lock(plan, cache, &state)?;
+    Ok(summary)
+}
+
+fn run_node(
+    plan: &Plan,
+    cache: &Cache,
+    i: usize,
+    key: &NodeKey,
+    inputs: &BTreeMap<String, PathBuf>,
+    reporter: &dyn Reporter,
+) -> Result<(Entry, f64), String> {
+    let st = &plan.spec.stages[i];
+    let span = tracing::info_span!("stage", id = %st.id, kind = st.stage.kind());
+    let _guard = span.enter();
+    let start = Instant::now();
+    let writer = cache.begin(&key.key).map_err(|e| e.to_string())?;
+    let (out, scratch) = (writer.out(), writer.scratch());
+    let progress = |p: Progress| {
+        reporter.event(Event::Progress {
+            id: &st.id,
+            progress: &p,
+        })
+    };
+    let ctx = RunContext {
+        id: &st.id,
+        seed: st.seed,
+        out: &out,
+        scratch: &scratch,
+        pipeline_dir: &plan.spec.dir,
+        inputs,
+        progress: &progress,
+    };
+    tracing::info!("running");
+    st.stage.run(&ctx).map_err(|e| e.to_string())?;
+    let seconds = start.elapsed().as_secs_f64();
+    let manifest = Manifest {
+        format: CACHE_FORMAT,
+        kpipe_version: env!("CARGO_PKG_VERSION").into(),
+        key: key.key.clone(),
+        stage: st.id.clone(),
+        kind: st.stage.kind().into(),
+        params: st.stage.params(),
+        seed: st.seed,
+        inputs: key.inputs.clone(),
+        extra: key.extra.clone(),
+        output: String::new(),
+        files: 0,
+        bytes: 0,
+        duration_s: seconds,
+    };
+    let entry = writer.commit(manifest).map_err(|e| e.to_string())?;
+    tracing::info!(seconds, "finished");
+    Ok((entry, seconds))
+}
+
+/// Writes the lock file: the new record of every completed node; nodes that did not
+/// complete keep their previous record.
+fn record_lock(plan: &Plan, cache: &Cache, state: &[State]) -> Result<(), CacheError> {
+    let path = LockFile::path_for(&plan.spec.file, plan.spec.profile.as_deref());
+    let old = LockFile::read(&path).unwrap_or_default();
+    let mut lock = LockFile {
+        version: 1,
+        pipeline: plan.spec.name.clone(),
+        profile: plan.spec.profile.clone(),
+        nodes: BTreeMap::new(),
+    };
+    for (i, st) in plan.spec.stages.iter().enumerate() {
+        let record = match &state[i] {
+            State::Done { key, entry } => Some(LockRecord {
+                kind: st.stage.kind().into(),
+                key: key.key.clone(),
+                output: entry.manifest.output.clone(),
+                params: st.stage.params(),
+                inputs: key.inputs.clone(),
+                extra: key.extra.clone(),
+            }),
+            _ => old.nodes.get(&st.id).cloned(),
+        };
+        if let Some(r) = record {
+            lock.nodes.insert(st.id.clone(), r);
+        }
+    }
+    if lock.nodes.is_empty() && !path.exists() {
+        return Ok(());
+    }
+    lock.write(&path)?;
+    cache.register_lock(&path)
+}

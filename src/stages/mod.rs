@@ -1,0 +1,255 @@
+//! Stage kinds: what a node of the pipeline does.
+//!
+//! Each kind is one module with a parameter struct implementing [`Stage`]: serde gives the
+//! TOML schema (kebab-case keys, defaults), [`Stage::check`] the value rules,
+//! [`Stage::inputs`] the references to other stages, and [`Stage::run`] the work. The
+//! executor only sees the object-safe [`DynStage`], which every [`Stage`] is.
+//!
+//! A stage is a pure function of its cache key: its resolved parameters, its inputs'
+//! output digests, its seed (from the pipeline seed and the stage id) and whatever it
+//! adds through [`Stage::key_material`]. It must not read the clock, the environment or
+//! files it has not declared.
+
+pub mod command;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// A reference to another stage's output: `"split"` or `"split.train"`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct StageRef(pub String);
+
+impl StageRef {
+    /// The id of the referenced stage.
+    pub fn stage(&self) -> &str {
+        self.0.split_once('.').map_or(&self.0, |(s, _)| s)
+    }
+
+    /// The named output, if any (`train` in `split.train`).
+    pub fn port(&self) -> Option<&str> {
+        self.0.split_once('.').map(|(_, p)| p)
+    }
+}
+
+impl std::fmt::Display for StageRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A problem with one parameter, found while checking a stage's table.
+#[derive(Debug, Clone)]
+pub struct ParamIssue {
+    /// Dotted path below the stage table (`epochs`, `sweep.learning-rate.2`).
+    pub path: String,
+    pub message: String,
+    pub hint: Option<String>,
+    /// Point at the key (unknown keys) rather than the value.
+    pub on_key: bool,
+}
+
+impl ParamIssue {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            message: message.into(),
+            hint: None,
+            on_key: false,
+        }
+    }
+
+    pub fn hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+}
+
+/// Why a stage failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StageError {
+    #[error("cannot {action} `{path}`: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Failed(String),
+    #[error(transparent)]
+    Other(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl StageError {
+    pub fn io(
+        action: &'static str,
+        path: impl Into<PathBuf>,
+    ) -> impl FnOnce(std::io::Error) -> StageError {
+        let path = path.into();
+        move |source| StageError::Io {
+            action,
+            path,
+            source,
+        }
+    }
+}
+
+/// What a stage may look at while it is checked or keyed: never the clock or environment.
+pub struct CheckContext<'a> {
+    /// The directory of the pipeline file; relative paths in parameters start here.
+    pub pipeline_dir: &'a Path,
+}
+
+/// Progress of a running stage, forwarded to the [`crate::exec::Reporter`].
+#[derive(Debug, Clone)]
+pub struct Progress {
+    pub done: u64,
+    pub total: u64,
+    pub message: String,
+}
+
+/// Everything a running stage gets.
+pub struct RunContext<'a> {
+    /// The node id (`train[learning-rate=1e-3]` for a sweep arm).
+    pub id: &'a str,
+    /// This node's seed, derived from the pipeline seed and the id.
+    pub seed: u64,
+    /// An empty directory that becomes the artifact when the stage succeeds.
+    pub out: &'a Path,
+    /// An empty directory for temporary files, removed afterwards.
+    pub scratch: &'a Path,
+    pub pipeline_dir: &'a Path,
+    /// Artifact directory of every referenced stage, by stage id.
+    pub inputs: &'a BTreeMap<String, PathBuf>,
+    pub progress: &'a (dyn Fn(Progress) + Sync),
+}
+
+impl RunContext<'_> {
+    /// The artifact directory of the referenced stage.
+    pub fn input(&self, r: &StageRef) -> Result<&Path, StageError> {
+        self.inputs
+            .get(r.stage())
+            .map(PathBuf::as_path)
+            .ok_or_else(|| StageError::Failed(format!("input `{r}` was not provided")))
+    }
+
+    pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
+        (self.progress)(Progress {
+            done,
+            total,
+            message: message.into(),
+        });
+    }
+}
+
+/// A stage kind's parameters and behaviour.
+pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// The `kind = "..."` value.
+    const KIND: &'static str;
+    /// Named outputs others may reference as `id.name`; `id` alone is the whole artifact.
+    const OUTPUTS: &'static [&'static str] = &[];
+    /// Whether the stage needs a device slot (training).
+    const USES_DEVICE: bool = false;
+
+    /// Value rules serde cannot express (ranges, paths that must exist).
+    fn check(&self, _ctx: &CheckContext) -> Vec<ParamIssue> {
+        vec![]
+    }
+
+    /// The stages this one reads, each with the parameter path that names it.
+    fn inputs(&self) -> Vec<(String, &StageRef)>;
+
+    /// Extra content that enters the cache key, such as digests of declared files.
+    fn key_material(&self, _ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError>;
+}
+
+/// The object-safe face of a [`Stage`], as the graph and executor use it.
+pub trait DynStage: Send + Sync {
+    fn kind(&self) -> &'static str;
+    fn outputs(&self) -> &'static [&'static str];
+    fn uses_device(&self) -> bool;
+    /// The resolved parameters, canonical (defaults filled, keys in a fixed order).
+    fn params(&self) -> serde_json::Value;
+    fn inputs(&self) -> Vec<(String, &StageRef)>;
+    fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError>;
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError>;
+}
+
+impl<S: Stage> DynStage for S {
+    fn kind(&self) -> &'static str {
+        S::KIND
+    }
+    fn outputs(&self) -> &'static [&'static str] {
+        S::OUTPUTS
+    }
+    fn uses_device(&self) -> bool {
+        S::USES_DEVICE
+    }
+    fn params(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+    fn inputs(&self) -> Vec<(String, &StageRef)> {
+        Stage::inputs(self)
+    }
+    fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
+        Stage::key_material(self, ctx)
+    }
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
+        Stage::run(self, ctx)
+    }
+}
+
+/// Builds a stage from its parameter table, or says everything wrong with it.
+type Configure = fn(toml::Value, &CheckContext) -> Result<Box<dyn DynStage>, Vec<ParamIssue>>;
+
+/// A registered stage kind.
+pub struct Kind {
+    pub name: &'static str,
+    configure: Configure,
+}
+
+impl Kind {
+    const fn of<S: Stage>() -> Self {
+        Kind {
+            name: S::KIND,
+            configure: configure::<S>,
+        }
+    }
+
+    /// Checks a stage table (without its `kind` key) and builds the stage.
+    pub fn configure(
+        &self,
+        params: toml::Value,
+        ctx: &CheckContext,
+    ) -> Result<Box<dyn DynStage>, Vec<ParamIssue>> {
+        (self.configure)(params, ctx)
+    }
+}
+
+/// Every stage kind kpipe knows.
+pub static KINDS: &[Kind] = &[Kind::of::<command::Command>()];
+
+pub fn kind(name: &str) -> Option<&'static Kind> {
+    KINDS.iter().find(|k| k.name == name)
+}
+
+fn configure<S: Stage>(
+    params: toml::Value,
+    ctx: &CheckContext,
+) -> Result<Box<dyn DynStage>, Vec<ParamIssue>> {
+    let (stage, mut issues) = crate::config::spec::parse_params::<S>(params);
+    if let Some(stage) = &stage {
+        issues.extend(stage.check(ctx));
+    }
+    match stage {
+        Some(stage) if issues.is_empty() => Ok(Box::new(stage)),
+        _ => Err(issues),
+    }
+}

@@ -1,0 +1,99 @@
+//! Shared helpers of the integration tests: a temporary project directory and the real
+//! `kpipe` binary run inside it.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+impl Project {
+    pub fn new() -> Self {
+        Project {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.path().join(name);
+        if let Some(parent) = p.parent() {
+            std::fs::create_dir_all(parent).unwrap();
+        }
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    pub fn cache(&self) -> PathBuf {
+        self.path().join("cache")
+    }
+
+    /// `kpipe ARGS` in the project directory, with its own cache.
+    pub fn kpipe(&self, args: &[&str]) -> Command {
+        let mut c = Command::cargo_bin("kpipe").unwrap();
+        c.current_dir(self.path())
+            .env("KPIPE_CACHE_DIR", self.cache())
+            .env_remove("RUST_LOG")
+            .env("NO_COLOR", "1")
+            .args(args);
+        c
+    }
+
+    /// Runs `kpipe ARGS`, returns (exit code, stdout, stderr).
+    pub fn run(&self, args: &[&str]) -> (i32, String, String) {
+        let out = self.kpipe(args).output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    /// Complete cache entries.
+    pub fn entries(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = std::fs::read_dir(self.cache().join("entries"))
+            .map(|rd| rd.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// `kpipe plan FILE --format json` as (id, status, reason) triples.
+    pub fn plan(&self, args: &[&str]) -> Vec<(String, String, String)> {
+        let mut full = vec!["plan"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--format", "json"]);
+        let (code, out, err) = self.run(&full);
+        assert_eq!(code, 0, "plan failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| {
+                (
+                    n["id"].as_str().unwrap().to_string(),
+                    n["status"].as_str().unwrap().to_string(),
+                    n["reason"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    }
+}
+
+/// The ids a run's stderr reports as run (`ran  <id>`).
+pub fn ran(stderr: &str) -> Vec<String> {
+    let mut v: Vec<String> = stderr
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("ran  "))
+        .map(|l| l.split(" (").next().unwrap().to_string())
+        .collect();
+    v.sort();
+    v
+}
