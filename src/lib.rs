@@ -8,6 +8,8 @@
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod data;
 pub mod exec;
 pub mod graph;
+pub mod models;
 pub mod stages;

@@ -80,6 +80,26 @@ enum Command {
     },
     /// List cache entries, their sizes and the lock files that reference them
     Status,
+    /// Describe a NIfTI volume: header, affine, value range
+    Inspect {
+        file: PathBuf,
+        /// Print JSON instead of text
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write synthetic CT phantom cases in the KiTS19 layout
+    Synth {
+        /// Output folder (created)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 24)]
+        cases: usize,
+        /// Volume shape: slices,rows,columns
+        #[arg(long, value_parser = parse_shape, default_value = "64,128,128")]
+        shape: [usize; 3],
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
     /// Remove cache entries that no lock file references
     Gc {
         /// Say what would be removed, remove nothing
@@ -126,6 +146,8 @@ pub enum CliError {
     Stage(#[from] crate::stages::StageError),
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
+    #[error(transparent)]
+    Nifti(#[from] crate::data::nifti::NiftiError),
 }
 
 impl CliError {
@@ -133,6 +155,7 @@ impl CliError {
         match self {
             CliError::Config(_) => exit::CONFIG,
             CliError::Cache(CacheError::Corrupt { .. }) => exit::CORRUPT,
+            CliError::Nifti(_) => exit::CONFIG,
             CliError::Cache(_) | CliError::Stage(_) | CliError::Output(_) => exit::STAGE_FAILED,
         }
     }
@@ -278,6 +301,63 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
             Ok(exit::OK)
         }
+        Command::Inspect { file, json } => {
+            let summary = crate::data::nifti::Volume::read(file)?.summary()?;
+            if *json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::to_string_pretty(&summary).unwrap_or_default()
+                )?;
+            } else {
+                writeln!(stdout, "{}", file.display())?;
+                writeln!(stdout, "  shape       {:?}", summary.shape)?;
+                writeln!(
+                    stdout,
+                    "  datatype    {} ({}-endian)",
+                    summary.datatype, summary.endianness
+                )?;
+                writeln!(stdout, "  spacing     {:?}", summary.spacing)?;
+                writeln!(
+                    stdout,
+                    "  scaling     value * {} + {}",
+                    summary.scl_slope, summary.scl_inter
+                )?;
+                writeln!(stdout, "  range       {} .. {}", summary.min, summary.max)?;
+                writeln!(stdout, "  sum         {}", summary.sum)?;
+                writeln!(stdout, "  NaN count   {}", summary.nan_count)?;
+                writeln!(stdout, "  affine")?;
+                for row in summary.affine {
+                    writeln!(
+                        stdout,
+                        "    [{:>10.4} {:>10.4} {:>10.4} {:>10.4}]",
+                        row[0], row[1], row[2], row[3]
+                    )?;
+                }
+            }
+            Ok(exit::OK)
+        }
+        Command::Synth {
+            out,
+            cases,
+            shape,
+            seed,
+        } => {
+            let spec = crate::data::phantom::PhantomSpec {
+                cases: *cases,
+                shape: *shape,
+                seed: *seed,
+            };
+            let written = crate::data::phantom::write_dataset(out, &spec, &|_| {})?;
+            let tumors = written.iter().filter(|c| c.has_tumor).count();
+            writeln!(
+                stdout,
+                "wrote {} cases ({tumors} with tumor) to `{}`",
+                written.len(),
+                out.display()
+            )?;
+            Ok(exit::OK)
+        }
         Command::Status => {
             let cache = Cache::open(&cli.cache_dir)?;
             status(&cache, &mut stdout)?;
@@ -372,6 +452,20 @@ fn gc(cache: &Cache, dry_run: bool, corrupt: bool, out: &mut impl Write) -> Resu
         human_bytes(bytes)
     )?;
     Ok(())
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>().map_err(|e| format!("`{p}`: {e}")))
+        .collect::<Result<_, _>>()?;
+    let shape: [usize; 3] = v
+        .try_into()
+        .map_err(|_| "expected three sizes: slices,rows,columns".to_string())?;
+    if shape.iter().any(|&d| !(8..=1024).contains(&d)) {
+        return Err("each size must be in 8..=1024".into());
+    }
+    Ok(shape)
 }
 
 fn display_path(p: &Path) -> String {

@@ -11,6 +11,9 @@
 //! files it has not declared.
 
 pub mod command;
+pub mod load;
+pub mod slice;
+pub mod split;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -234,7 +237,12 @@ impl Kind {
 }
 
 /// Every stage kind kpipe knows.
-pub static KINDS: &[Kind] = &[Kind::of::<command::Command>()];
+pub static KINDS: &[Kind] = &[
+    Kind::of::<command::Command>(),
+    Kind::of::<load::Load>(),
+    Kind::of::<slice::Slice>(),
+    Kind::of::<split::Split>(),
+];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
     KINDS.iter().find(|k| k.name == name)

@@ -1,0 +1,8 @@
+//! Imaging data: NIfTI volumes, the KiTS19 layout, synthetic phantoms, and the slice
+//! store the training loader reads.
+
+pub mod kits;
+pub mod nifti;
+pub mod phantom;
+pub mod resample;
+pub mod slices;

@@ -1,0 +1,149 @@
+//! The study's segmentation networks, as burn modules: one module each, with a
+//! `XxxConfig` (serde, from the train stage's TOML) whose `init` builds the network and
+//! a `forward` from `[batch, channels, h, w]` images to `[batch, classes, h, w]` logits.
+//!
+//! | model      | what it is                                                     |
+//! |------------|----------------------------------------------------------------|
+//! | `unet`     | 4-level U-Net, 'same' padding, transposed-conv up, concat skips |
+//! | `fcn8s`    | FCN-8s on a VGG16 encoder (the study's FCN V1)                 |
+//! | `fcn8s-v2` | the same with a 3x3 conv + ReLU after each transposed conv     |
+//! | `linknet`  | ResNet18-style encoder, LinkNet decoder blocks, additive skips |
+
+pub mod blocks;
+pub mod fcn;
+pub mod linknet;
+pub mod unet;
+
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+pub use fcn::{Fcn, FcnConfig};
+pub use linknet::{LinkNet, LinkNetConfig};
+pub use unet::{UNet, UNetConfig};
+
+/// Output classes: background, kidney, tumor.
+pub const CLASSES: usize = 3;
+
+/// Which network, with its own settings; `model = "unet"` in TOML, with the settings
+/// beside it (`base`, `batch-norm`, `up-kernel`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelKind {
+    Unet,
+    Fcn8s,
+    Fcn8sV2,
+    Linknet,
+}
+
+impl ModelKind {
+    pub const ALL: [ModelKind; 4] = [
+        ModelKind::Unet,
+        ModelKind::Fcn8s,
+        ModelKind::Fcn8sV2,
+        ModelKind::Linknet,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::Unet => "unet",
+            ModelKind::Fcn8s => "fcn8s",
+            ModelKind::Fcn8sV2 => "fcn8s-v2",
+            ModelKind::Linknet => "linknet",
+        }
+    }
+
+    /// Trainable parameters the study reports, where it reports one that fits.
+    pub fn study_params(self) -> Option<usize> {
+        match self {
+            ModelKind::Unet => Some(31_031_857),
+            ModelKind::Fcn8s => Some(6_198_019),
+            ModelKind::Fcn8sV2 => Some(11_543_715),
+            ModelKind::Linknet => None, // reported as 11,543,715: a copy of FCN V2's figure
+        }
+    }
+}
+
+/// A model's full configuration, as stored beside its weights (`model.json`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ModelConfig {
+    pub kind: ModelKind,
+    pub in_channels: usize,
+    /// Width of the first level (U-Net: 64 in the study; LinkNet and FCN use their own).
+    pub base: usize,
+    pub batch_norm: bool,
+    /// U-Net's transposed-convolution kernel: 2 (default; fits the study's count) or 3.
+    pub up_kernel: usize,
+    /// FCN: freeze the VGG16 encoder (when pretrained weights are given).
+    pub freeze_encoder: bool,
+}
+
+/// Any of the networks.
+#[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)] // one per training run
+pub enum Network {
+    UNet(UNet),
+    Fcn(Fcn),
+    LinkNet(LinkNet),
+}
+
+impl Network {
+    pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
+        match self {
+            Network::UNet(m) => m.forward(x),
+            Network::Fcn(m) => m.forward(x),
+            Network::LinkNet(m) => m.forward(x),
+        }
+    }
+}
+
+impl ModelConfig {
+    pub fn init(&self, device: &Device) -> Network {
+        match self.kind {
+            ModelKind::Unet => Network::UNet(
+                UNetConfig {
+                    in_channels: self.in_channels,
+                    classes: CLASSES,
+                    base: self.base,
+                    batch_norm: self.batch_norm,
+                    up_kernel: self.up_kernel,
+                }
+                .init(device),
+            ),
+            ModelKind::Fcn8s | ModelKind::Fcn8sV2 => Network::Fcn(
+                FcnConfig {
+                    in_channels: self.in_channels,
+                    classes: CLASSES,
+                    base: self.base,
+                    v2: self.kind == ModelKind::Fcn8sV2,
+                    batch_norm: self.batch_norm,
+                }
+                .init(device),
+            ),
+            ModelKind::Linknet => Network::LinkNet(
+                LinkNetConfig {
+                    in_channels: self.in_channels,
+                    classes: CLASSES,
+                    base: self.base,
+                }
+                .init(device),
+            ),
+        }
+    }
+
+    /// The input size must be a multiple of this.
+    pub fn size_multiple(&self) -> usize {
+        32
+    }
+}
+
+/// Trainable and frozen parameter counts.
+pub fn param_counts(net: &Network, freeze_encoder: bool) -> (usize, usize) {
+    let total = net.num_params();
+    let frozen = match net {
+        Network::Fcn(f) if freeze_encoder => f.encoder_params(),
+        _ => 0,
+    };
+    (total - frozen, frozen)
+}

@@ -1,0 +1,213 @@
+//! `kind = "load"`: a KiTS19-layout folder, or synthetic phantoms, to a case table.
+//!
+//! ```toml
+//! [stages.load]
+//! kind = "load"
+//! path = "/data/kits19/data"     # source = "kits19" (the default): a KiTS19 folder
+//! label-policy = "error"         # or "background": labels outside {0,1,2} become 0
+//! limit = 40                     # optional: the first N cases only
+//!
+//! [profiles.synthetic.stages.load]
+//! source = "synthetic"           # writes phantom cases as NIfTI first, then loads them
+//! cases = 24
+//! shape = [64, 128, 128]         # slices, rows, columns
+//! ```
+//!
+//! The output is `cases.json` (id, paths, shape, spacing, label counts, content digests
+//! of both volumes); synthetic volumes live inside the artifact under `data/`. For a
+//! folder, the key covers each case file's size and modification time: edit a volume
+//! and the stage runs again.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
+use crate::data::kits::{self, CaseTable, LabelPolicy};
+use crate::data::phantom::{self, PhantomSpec};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    #[default]
+    Kits19,
+    Synthetic,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Load {
+    #[serde(default)]
+    pub source: Source,
+    /// The KiTS19 `data` folder (source = "kits19"), relative to the pipeline file.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// Synthetic cases to generate.
+    #[serde(default = "default_cases")]
+    pub cases: usize,
+    /// Synthetic volume shape (slices, rows, columns).
+    #[serde(default = "default_shape")]
+    pub shape: [usize; 3],
+    #[serde(default)]
+    pub label_policy: LabelPolicy,
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+fn default_cases() -> usize {
+    24
+}
+
+fn default_shape() -> [usize; 3] {
+    [64, 128, 128]
+}
+
+impl Load {
+    fn folder(&self, ctx: &CheckContext) -> Option<PathBuf> {
+        self.path.as_ref().map(|p| ctx.pipeline_dir.join(p))
+    }
+}
+
+impl Stage for Load {
+    const KIND: &'static str = "load";
+
+    fn check(&self, ctx: &CheckContext) -> Vec<ParamIssue> {
+        let mut issues = Vec::new();
+        match self.source {
+            Source::Kits19 => match self.folder(ctx) {
+                None => issues.push(
+                    ParamIssue::new("path", "is required when `source = \"kits19\"`").hint(
+                        "hint: `path = \"<KiTS19 data folder>\"`, or `source = \"synthetic\"`",
+                    ),
+                ),
+                Some(p) if !p.is_dir() => issues.push(ParamIssue::new(
+                    "path",
+                    format!("`{}` is not a directory", p.display()),
+                )),
+                Some(_) => {}
+            },
+            Source::Synthetic => {
+                if self.cases < 3 {
+                    issues.push(ParamIssue::new(
+                        "cases",
+                        "at least 3 cases are needed to split 7:2:1",
+                    ));
+                }
+                if self.shape.iter().any(|&s| !(8..=1024).contains(&s)) {
+                    issues.push(ParamIssue::new(
+                        "shape",
+                        "each of (slices, rows, columns) must be in 8..=1024",
+                    ));
+                }
+            }
+        }
+        if self.limit == Some(0) {
+            issues.push(ParamIssue::new("limit", "must be at least 1"));
+        }
+        issues
+    }
+
+    fn inputs(&self) -> Vec<(String, &StageRef)> {
+        vec![]
+    }
+
+    fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
+        let Some(folder) = self.folder(ctx).filter(|_| self.source == Source::Kits19) else {
+            return Ok(serde_json::Value::Null);
+        };
+        Ok(stamps(&folder)?.into())
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let warn = |m: String| tracing::warn!("{m}");
+        let (root, source) = match self.source {
+            Source::Synthetic => {
+                let root = ctx.out.join("data");
+                let spec = PhantomSpec {
+                    cases: self.cases,
+                    shape: self.shape,
+                    seed: ctx.seed,
+                };
+                let total = self.cases as u64;
+                ctx.report(0, total, "generating phantoms");
+                phantom::write_dataset(&root, &spec, &|n| {
+                    ctx.report(n as u64, total, "generating phantoms")
+                })
+                .map_err(boxed)?;
+                (root, "synthetic")
+            }
+            Source::Kits19 => {
+                let folder = self
+                    .folder(&CheckContext {
+                        pipeline_dir: ctx.pipeline_dir,
+                    })
+                    .unwrap_or_default();
+                (
+                    std::path::absolute(&folder).map_err(StageError::io("resolve", &folder))?,
+                    "kits19",
+                )
+            }
+        };
+        ctx.report(0, 1, "checking cases");
+        let mut cases = kits::scan(&root, self.label_policy, &warn).map_err(boxed)?;
+        if let Some(limit) = self.limit {
+            cases.truncate(limit);
+        }
+        if self.source == Source::Synthetic {
+            for c in &mut cases {
+                for p in [&mut c.imaging, &mut c.segmentation] {
+                    *p = p
+                        .strip_prefix(ctx.out)
+                        .map(Path::to_path_buf)
+                        .unwrap_or_else(|_| p.clone());
+                }
+            }
+        }
+        let table = CaseTable {
+            source: source.into(),
+            cases,
+            label_policy: self.label_policy,
+        };
+        let path = ctx.out.join(CaseTable::FILE);
+        let text =
+            serde_json::to_string_pretty(&table).map_err(|e| StageError::Failed(e.to_string()))?;
+        std::fs::write(&path, text).map_err(StageError::io("write", &path))?;
+        tracing::info!(cases = table.cases.len(), "loaded");
+        Ok(())
+    }
+}
+
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
+    StageError::Other(Box::new(e))
+}
+
+/// Size and modification time of every file of every case folder, and of `kits.json`.
+fn stamps(folder: &Path) -> Result<serde_json::Map<String, serde_json::Value>, StageError> {
+    let mut out = serde_json::Map::new();
+    let rd = std::fs::read_dir(folder).map_err(StageError::io("list", folder))?;
+    let mut paths: Vec<PathBuf> = Vec::new();
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if p.is_dir() && name.starts_with("case_") {
+            for f in ["imaging.nii.gz", "segmentation.nii.gz"] {
+                paths.push(p.join(f));
+            }
+        } else if name == "kits.json" {
+            paths.push(p);
+        }
+    }
+    paths.sort();
+    for p in paths {
+        if let Ok(meta) = std::fs::metadata(&p) {
+            let mtime = meta
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            let rel = p.strip_prefix(folder).unwrap_or(&p).display().to_string();
+            out.insert(rel, format!("{}:{mtime}", meta.len()).into());
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,344 @@
+//! The imaging stages end to end: synthetic phantoms, load, slice, split, `kpipe synth`
+//! and `kpipe inspect`, and broken datasets.
+
+mod common;
+
+use std::path::Path;
+
+use common::{Project, ran};
+use kpipe::data::nifti::{Datatype, NewVolume, Volume, write_volume};
+
+const STUDY: &str = r#"
+[pipeline]
+name = "data"
+seed = 11
+
+[stages.load]
+kind = "load"
+source = "synthetic"
+cases = 6
+shape = [24, 48, 48]
+
+[stages.slice]
+kind = "slice"
+input = "load"
+size = 32
+
+[stages.split]
+kind = "split"
+input = "load"
+"#;
+
+fn entry_of(p: &Project, file: &str) -> std::path::PathBuf {
+    p.entries()
+        .into_iter()
+        .map(|e| e.join("out"))
+        .find(|o| o.join(file).exists())
+        .unwrap_or_else(|| panic!("no entry with {file}"))
+}
+
+#[test]
+fn load_slice_split_run_on_synthetic_data() {
+    let p = Project::new();
+    p.write("p.toml", STUDY);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(ran(&err), ["load", "slice", "split"]);
+    let cases: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(entry_of(&p, "cases.json").join("cases.json")).unwrap(),
+    )
+    .unwrap();
+    let cases = cases["cases"].as_array().unwrap();
+    assert_eq!(cases.len(), 6);
+    for c in cases {
+        assert_eq!(c["shape"], serde_json::json!([24, 48, 48]));
+        let counts: Vec<u64> = c["label_counts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        assert_eq!(counts.iter().sum::<u64>(), 24 * 48 * 48);
+        assert!(counts[1] > 0, "every phantom has kidneys");
+    }
+    let slices = entry_of(&p, "slices.json");
+    let store = kpipe::data::slices::SliceStore::open(&slices).unwrap();
+    assert_eq!(store.meta.cases.len(), 6);
+    let mut rows = 0;
+    for i in 0..6 {
+        let (img, lab) = (store.images(i).unwrap(), store.labels(i).unwrap());
+        assert_eq!(
+            img.shape(),
+            [24, 1, 32, 32],
+            "keep-empty = 1 keeps every slice"
+        );
+        assert!(
+            img.iter().all(|v| (0.0..=1.0).contains(v)),
+            "unit normalisation"
+        );
+        assert!(lab.iter().all(|&l| l <= 2));
+        rows += img.shape()[0];
+    }
+    let index = std::fs::read_to_string(slices.join("index.csv")).unwrap();
+    assert_eq!(index.lines().count(), rows + 1);
+    let split = kpipe::stages::split::SplitFile::read(&entry_of(&p, "split.json")).unwrap();
+    assert_eq!(
+        (split.train.len(), split.test.len(), split.eval.len()),
+        (4, 1, 1)
+    );
+}
+
+#[test]
+fn the_same_seed_gives_byte_identical_artifacts() {
+    let (a, b) = (Project::new(), Project::new());
+    for p in [&a, &b] {
+        p.write("p.toml", STUDY);
+        let (code, _, err) = p.run(&[
+            "run",
+            "p.toml",
+            "-j",
+            if std::ptr::eq(p, &a) { "1" } else { "3" },
+        ]);
+        assert_eq!(code, 0, "{err}");
+    }
+    let lock = |p: &Project| std::fs::read_to_string(p.path().join("p.lock")).unwrap();
+    assert_eq!(lock(&a), lock(&b));
+    let c = Project::new();
+    c.write("p.toml", &STUDY.replace("seed = 11", "seed = 12"));
+    c.run(&["run", "p.toml"]);
+    let outputs = |p: &Project| -> Vec<String> {
+        let v: serde_json::Value = serde_json::from_str(&lock(p)).unwrap();
+        ["load", "slice"]
+            .iter()
+            .map(|n| v["nodes"][n]["output"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_ne!(
+        outputs(&a)[0],
+        outputs(&c)[0],
+        "another seed, other phantoms"
+    );
+}
+
+#[test]
+fn keep_empty_and_context_shape_the_slices() {
+    let p = Project::new();
+    p.write(
+        "p.toml",
+        &STUDY.replace("size = 32", "size = 32\nkeep-empty = 0.0\ncontext = 1"),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let slices = entry_of(&p, "slices.json");
+    let store = kpipe::data::slices::SliceStore::open(&slices).unwrap();
+    assert_eq!(store.meta.channels, 3);
+    let index = std::fs::read_to_string(slices.join("index.csv")).unwrap();
+    let lines: Vec<&str> = index.lines().skip(1).collect();
+    assert!(!lines.is_empty());
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.ends_with(",1,0") || l.ends_with(",1,1") || l.ends_with(",0,1")),
+        "only foreground slices"
+    );
+    let total: usize = (0..6).map(|i| store.labels(i).unwrap().shape()[0]).sum();
+    assert_eq!(total, lines.len());
+    // a kidney fraction like real data: kept foreground slices are a minority of 6 * 24
+    assert!(
+        total < 6 * 24 * 3 / 5,
+        "{total} of {} slices show kidney or tumor",
+        6 * 24
+    );
+    assert!(
+        total > 6 * 24 / 6,
+        "{total} of {} slices show kidney or tumor",
+        6 * 24
+    );
+}
+
+#[test]
+fn synth_writes_the_same_bytes_for_the_same_seed_and_inspect_reads_them() {
+    let p = Project::new();
+    for (dir, seed) in [("a", "5"), ("b", "5"), ("c", "6")] {
+        let (code, out, err) = p.run(&[
+            "synth", "--out", dir, "--cases", "3", "--shape", "16,32,32", "--seed", seed,
+        ]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("wrote 3 cases"), "{out}");
+    }
+    let read = |d: &str| std::fs::read(p.path().join(d).join("case_00001/imaging.nii.gz")).unwrap();
+    assert_eq!(read("a"), read("b"));
+    assert_ne!(read("a"), read("c"));
+    assert!(p.path().join("a/kits.json").exists());
+    let (code, out, _) = p.run(&["inspect", "a/case_00000/imaging.nii.gz", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    for key in [
+        "shape",
+        "datatype",
+        "endianness",
+        "spacing",
+        "affine",
+        "scl_slope",
+        "scl_inter",
+        "min",
+        "max",
+        "sum",
+        "nan_count",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}: {out}");
+    }
+    assert_eq!(v["shape"], serde_json::json!([16, 32, 32]));
+    assert_eq!(v["datatype"], "float32");
+    assert!(v["min"].as_f64().unwrap() < -900.0, "air around the body");
+    assert!(v["max"].as_f64().unwrap() > 300.0, "bone and contrast");
+    let (code, _, err) = p.run(&["inspect", "a/missing.nii.gz"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("missing.nii.gz"), "{err}");
+}
+
+/// A KiTS19 folder of `n` tiny phantom cases, to break.
+fn kits_folder(p: &Project, n: usize) -> std::path::PathBuf {
+    let (code, _, err) = p.run(&[
+        "synth",
+        "--out",
+        "kits",
+        "--cases",
+        &n.to_string(),
+        "--shape",
+        "12,24,24",
+        "--seed",
+        "1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    p.path().join("kits")
+}
+
+fn write_labels(path: &Path, shape: [usize; 3], labels: &[u8]) {
+    let affine = kpipe::data::phantom::kits_affine([2.0, 1.0, 1.0]);
+    write_volume(
+        path,
+        &NewVolume {
+            shape,
+            datatype: Datatype::U8,
+            data: labels,
+            spacing: [2.0, 1.0, 1.0],
+            affine,
+            description: "",
+        },
+    )
+    .unwrap();
+}
+
+const LOAD: &str = "[pipeline]\nname = \"real\"\n[stages.load]\nkind = \"load\"\npath = \"kits\"\n";
+
+#[test]
+fn unexpected_labels_fail_naming_the_case_and_cache_nothing() {
+    let p = Project::new();
+    let kits = kits_folder(&p, 3);
+    let seg = kits.join("case_00001/segmentation.nii.gz");
+    let (mut labels, _) = Volume::read(&seg).unwrap().to_labels().unwrap();
+    labels[0] = 3;
+    labels[1] = 3;
+    labels[2] = 7;
+    write_labels(&seg, [12, 24, 24], &labels);
+    p.write("p.toml", LOAD);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("case_00001") && err.contains("3 (2 voxels)") && err.contains("7 (1 voxels)"),
+        "{err}"
+    );
+    assert!(err.contains("label-policy"), "hint: {err}");
+    assert!(p.entries().is_empty());
+    p.write("p.toml", &format!("{LOAD}label-policy = \"background\"\n"));
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let table = kpipe::data::kits::CaseTable::read(&entry_of(&p, "cases.json")).unwrap();
+    assert_eq!(table.cases[1].relabelled, 3);
+}
+
+#[test]
+fn shape_mismatches_missing_files_and_orphan_records_are_named() {
+    let p = Project::new();
+    let kits = kits_folder(&p, 4);
+    write_labels(
+        &kits.join("case_00000/segmentation.nii.gz"),
+        [12, 24, 20],
+        &vec![0u8; 12 * 24 * 20],
+    );
+    std::fs::remove_file(kits.join("case_00002/imaging.nii.gz")).unwrap();
+    std::fs::remove_dir_all(kits.join("case_00003")).unwrap();
+    p.write("p.toml", LOAD);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("3 cases are broken"), "{err}");
+    assert!(
+        err.contains(
+            "case_00000: imaging shape [12, 24, 24] and segmentation shape [12, 24, 20] differ"
+        ),
+        "{err}"
+    );
+    assert!(err.contains("case_00002: missing"), "{err}");
+    assert!(err.contains("case_00003: listed in"), "{err}");
+    assert!(p.entries().is_empty());
+}
+
+#[test]
+fn editing_a_volume_of_a_folder_reruns_load() {
+    let p = Project::new();
+    let kits = kits_folder(&p, 3);
+    p.write("p.toml", LOAD);
+    assert_eq!(p.run(&["run", "p.toml"]).0, 0);
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    let seg = kits.join("case_00000/segmentation.nii.gz");
+    let (labels, _) = Volume::read(&seg).unwrap().to_labels().unwrap();
+    write_labels(&seg, [12, 24, 24], &labels);
+    let plan = p.plan(&["p.toml"]);
+    assert_eq!(plan[0].1, "run", "{plan:?}");
+    assert!(
+        plan[0].2.contains("case_00000/segmentation.nii.gz"),
+        "{plan:?}"
+    );
+}
+
+#[test]
+fn non_square_slices_are_padded_to_square() {
+    let p = Project::new();
+    let dir = p.path().join("wide/case_00000");
+    std::fs::create_dir_all(&dir).unwrap();
+    let shape = [4, 8, 16];
+    let img: Vec<u8> = (0..4 * 8 * 16).flat_map(|_| 200f32.to_le_bytes()).collect();
+    let affine = kpipe::data::phantom::kits_affine([2.0, 1.0, 1.0]);
+    write_volume(
+        &dir.join("imaging.nii.gz"),
+        &NewVolume {
+            shape,
+            datatype: Datatype::F32,
+            data: &img,
+            spacing: [2.0, 1.0, 1.0],
+            affine,
+            description: "",
+        },
+    )
+    .unwrap();
+    write_labels(
+        &dir.join("segmentation.nii.gz"),
+        shape,
+        &vec![1u8; 4 * 8 * 16],
+    );
+    p.write("p.toml", "[pipeline]\nname = \"w\"\n[stages.load]\nkind = \"load\"\npath = \"wide\"\n[stages.slice]\nkind = \"slice\"\ninput = \"load\"\nsize = 16\n");
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let store = kpipe::data::slices::SliceStore::open(&entry_of(&p, "slices.json")).unwrap();
+    let lab = store.labels(0).unwrap();
+    // 8 rows of 16 padded to 16x16: rows 4..12 are kidney, the rest padding
+    let row = |r: usize| lab.slice(ndarray::s![0, r, ..]).to_vec();
+    assert_eq!(row(0), vec![0u8; 16]);
+    assert_eq!(row(4), vec![1u8; 16]);
+    assert_eq!(row(11), vec![1u8; 16]);
+    assert_eq!(row(12), vec![0u8; 16]);
+    let img = store.images(0).unwrap();
+    assert_eq!(img[[0, 0, 0, 0]], 0.0, "padding is the window's low end");
+    assert!((img[[0, 0, 8, 8]] - (200.0 + 79.0) / 383.0).abs() < 1e-6);
+}
