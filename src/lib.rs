@@ -5,11 +5,14 @@
 //! [`exec`]utor. Each stage kind lives in [`stages`]. The binary is a thin shell over
 //! [`cli`].
 
+pub mod backend;
 pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod data;
 pub mod exec;
 pub mod graph;
+pub mod metrics;
 pub mod models;
 pub mod stages;
+pub mod train;

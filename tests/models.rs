@@ -4,7 +4,14 @@ use burn::tensor::{Device, Distribution, Tensor};
 use kpipe::models::{ModelConfig, ModelKind, param_counts};
 
 fn config(kind: ModelKind, base: usize) -> ModelConfig {
-    ModelConfig { kind, in_channels: 1, base, batch_norm: false, up_kernel: 2, freeze_encoder: true }
+    ModelConfig {
+        kind,
+        in_channels: 1,
+        base,
+        batch_norm: false,
+        up_kernel: 2,
+        freeze_encoder: true,
+    }
 }
 
 #[test]
@@ -16,7 +23,11 @@ fn every_model_maps_images_to_class_logits_at_two_sizes() {
         let net = c.init(&device);
         for size in [32, 64] {
             let x = Tensor::<4>::random([2, 3, size, size], Distribution::Default, &device);
-            assert_eq!(net.forward(x).dims(), [2, 3, size, size], "{kind:?} at {size}");
+            assert_eq!(
+                net.forward(x).dims(),
+                [2, 3, size, size],
+                "{kind:?} at {size}"
+            );
         }
     }
 }
@@ -27,7 +38,11 @@ fn parameter_counts_match_the_study() {
     let within = |kind: ModelKind, got: usize, tolerance: f64| {
         let want = kind.study_params().unwrap() as f64;
         let off = (got as f64 - want).abs() / want;
-        assert!(off <= tolerance, "{kind:?}: {got} trainable vs the study's {want} ({:.3}%)", off * 100.0);
+        assert!(
+            off <= tolerance,
+            "{kind:?}: {got} trainable vs the study's {want} ({:.3}%)",
+            off * 100.0
+        );
     };
     let unet = config(ModelKind::Unet, 64).init(&device);
     let (trainable, frozen) = param_counts(&unet, true);
@@ -36,7 +51,10 @@ fn parameter_counts_match_the_study() {
     let mut three = config(ModelKind::Unet, 64);
     three.up_kernel = 3;
     let (t3, _) = param_counts(&three.init(&device), true);
-    assert!((t3 as f64 / 31_031_857.0 - 1.11).abs() < 0.01, "3x3 up-convs give +11%: {t3}");
+    assert!(
+        (t3 as f64 / 31_031_857.0 - 1.11).abs() < 0.01,
+        "3x3 up-convs give +11%: {t3}"
+    );
     let fcn = config(ModelKind::Fcn8s, 64).init(&device);
     let (trainable, frozen) = param_counts(&fcn, true);
     assert_eq!(trainable, 6_198_019, "FCN V1 with a frozen VGG16 encoder");

@@ -7,6 +7,7 @@
 //! entries/<key>/out/            the artifact
 //! tmp/<key>.<pid>.<n>/          entries being written; renamed into entries/ when complete
 //! locks/<hash>                  the path of each lock file that recorded keys here (for gc)
+//! resume/<key>/                 checkpoints of an unfinished training run, until it succeeds
 //! ```
 //!
 //! An entry is written into `tmp/`, its files synced, its manifest written last, and the
@@ -239,6 +240,11 @@ impl Cache {
             tmp,
             done: false,
         })
+    }
+
+    /// Where a stage of `key` keeps what must survive an interrupted run (checkpoints).
+    pub fn resume_dir(&self, key: &str) -> PathBuf {
+        self.root.join("resume").join(key)
     }
 
     /// Every complete entry (unverified), sorted by key.

@@ -343,6 +343,7 @@ fn run_node(
     let start = Instant::now();
     let writer = cache.begin(&key.key).map_err(|e| e.to_string())?;
     let (out, scratch) = (writer.out(), writer.scratch());
+    let resume = cache.resume_dir(&key.key);
     let progress = |p: Progress| {
         reporter.event(Event::Progress {
             id: &st.id,
@@ -354,6 +355,7 @@ fn run_node(
         seed: st.seed,
         out: &out,
         scratch: &scratch,
+        resume: &resume,
         pipeline_dir: &plan.spec.dir,
         inputs,
         progress: &progress,
@@ -377,6 +379,7 @@ fn run_node(
         duration_s: seconds,
     };
     let entry = writer.commit(manifest).map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&resume);
     tracing::info!(seconds, "finished");
     Ok((entry, seconds))
 }

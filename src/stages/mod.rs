@@ -14,6 +14,7 @@ pub mod command;
 pub mod load;
 pub mod slice;
 pub mod split;
+pub mod train;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -124,6 +125,9 @@ pub struct RunContext<'a> {
     pub out: &'a Path,
     /// An empty directory for temporary files, removed afterwards.
     pub scratch: &'a Path,
+    /// A directory that survives an interrupted run of the same key (checkpoints), outside
+    /// the cache entry; removed once the stage succeeds.
+    pub resume: &'a Path,
     pub pipeline_dir: &'a Path,
     /// Artifact directory of every referenced stage, by stage id.
     pub inputs: &'a BTreeMap<String, PathBuf>,
@@ -242,6 +246,7 @@ pub static KINDS: &[Kind] = &[
     Kind::of::<load::Load>(),
     Kind::of::<slice::Slice>(),
     Kind::of::<split::Split>(),
+    Kind::of::<train::Train>(),
 ];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {

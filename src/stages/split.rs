@@ -83,7 +83,11 @@ impl Stage for Split {
     fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {
         let sum: f64 = self.ratios.iter().sum();
         let mut issues = Vec::new();
-        if self.ratios.iter().any(|r| r.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater)) {
+        if self
+            .ratios
+            .iter()
+            .any(|r| r.partial_cmp(&0.0) != Some(std::cmp::Ordering::Greater))
+        {
             issues.push(ParamIssue::new("ratios", "every ratio must be positive"));
         } else if (sum - 1.0).abs() > 1e-6 {
             issues.push(ParamIssue::new(

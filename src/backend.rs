@@ -1,0 +1,25 @@
+//! The one place that knows which burn backend runs: burn-flex on the CPU, burn-wgpu on
+//! a GPU (with the `gpu` cargo feature).
+
+use burn::tensor::Device;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackendKind {
+    #[default]
+    Cpu,
+    Gpu,
+}
+
+/// The device for a backend. Devices are always built explicitly: adding the GPU feature
+/// moves burn's `Device::default()` off the CPU.
+pub fn device(kind: BackendKind, _index: usize) -> Result<Device, String> {
+    match kind {
+        BackendKind::Cpu => Ok(Device::flex()),
+        #[cfg(feature = "gpu")]
+        BackendKind::Gpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        #[cfg(not(feature = "gpu"))]
+        BackendKind::Gpu => Err("this kpipe was built without GPU support\nhint: build with `cargo build --features gpu` (burn-wgpu)".into()),
+    }
+}

@@ -1,0 +1,282 @@
+//! `kind = "train"`: train a segmentation network on the slices of one split part,
+//! validating on another every epoch.
+//!
+//! ```toml
+//! [stages.train]
+//! kind = "train"
+//! slices = "slice"            # the slice store
+//! train = "split.train"       # the part to train on
+//! validate = "split.test"     # the part scored every epoch (the study's `test`)
+//! model = "unet"              # "unet", "fcn8s", "fcn8s-v2", "linknet"
+//! base = 64                   # width of the first level
+//! batch-norm = false
+//! up-kernel = 2               # U-Net's transposed-conv kernel (the study's count fits 2)
+//! epochs = 15
+//! batch-size = 8
+//! learning-rate = 1e-4        # or a schedule, see below
+//! warmup-epochs = 0
+//! betas = [0.9, 0.999]
+//! epsilon = 1e-7
+//! weight-decay = 0.0
+//! loss = "ce"                 # "dice", "ce+dice"
+//! loss-weights = [1.0, 1.0]   # (ce, dice) for "ce+dice"
+//! class-weights = [1.0, 1.0, 1.0]
+//! shuffle-buffer = 200        # the study's buffer; absent: a full shuffle per epoch
+//! augment = { flip-horizontal = 0.5, flip-vertical = 0.5 }
+//! init-from = "train"         # continue from another train stage's weights
+//! backend = "cpu"             # or "gpu" (burn-wgpu; build with `--features gpu`)
+//! ```
+//!
+//! Schedules: [`crate::train::schedule`]; augmentation: [`crate::data::augment`].
+//! Output: `model.safetensors`, `model.json` (network and slice settings, for predict),
+//! `metrics.csv` (one row per epoch). Checkpoints live outside the cache entry, in the
+//! resume directory, until the stage succeeds.
+
+use serde::{Deserialize, Serialize};
+
+use super::split::SplitFile;
+use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
+use crate::backend::{self, BackendKind};
+use crate::data::augment::Augment;
+use crate::data::loader::{Shuffle, slices_of};
+use crate::data::slices::{SliceMeta, SliceStore};
+use crate::models::{ModelConfig, ModelKind};
+use crate::train::loss::{Loss, LossKind};
+use crate::train::schedule::LearningRate;
+use crate::train::{EpochRow, Fit, adam, fit};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Train {
+    pub slices: StageRef,
+    pub train: StageRef,
+    pub validate: StageRef,
+    #[serde(default = "default_model")]
+    pub model: ModelKind,
+    #[serde(default = "default_base")]
+    pub base: usize,
+    #[serde(default)]
+    pub batch_norm: bool,
+    #[serde(default = "default_up_kernel")]
+    pub up_kernel: usize,
+    #[serde(default = "default_epochs")]
+    pub epochs: usize,
+    #[serde(default = "default_batch")]
+    pub batch_size: usize,
+    #[serde(default = "default_lr")]
+    pub learning_rate: LearningRate,
+    #[serde(default)]
+    pub warmup_epochs: usize,
+    #[serde(default = "default_betas")]
+    pub betas: [f32; 2],
+    #[serde(default = "default_epsilon")]
+    pub epsilon: f32,
+    #[serde(default)]
+    pub weight_decay: f32,
+    #[serde(default)]
+    pub loss: LossKind,
+    #[serde(default = "default_loss_weights")]
+    pub loss_weights: [f32; 2],
+    #[serde(default)]
+    pub class_weights: Option<[f32; 3]>,
+    #[serde(default)]
+    pub shuffle_buffer: Option<usize>,
+    #[serde(default)]
+    pub augment: Augment,
+    #[serde(default)]
+    pub init_from: Option<StageRef>,
+    #[serde(default)]
+    pub backend: BackendKind,
+}
+
+fn default_model() -> ModelKind {
+    ModelKind::Unet
+}
+fn default_base() -> usize {
+    64
+}
+fn default_up_kernel() -> usize {
+    2
+}
+fn default_epochs() -> usize {
+    15
+}
+fn default_batch() -> usize {
+    8
+}
+fn default_lr() -> LearningRate {
+    LearningRate::Constant(1e-4)
+}
+fn default_betas() -> [f32; 2] {
+    [0.9, 0.999]
+}
+fn default_epsilon() -> f32 {
+    1e-7
+}
+fn default_loss_weights() -> [f32; 2] {
+    [1.0, 1.0]
+}
+
+/// `model.json`: what predict needs to rebuild the network and slice like training did.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelFile {
+    pub model: ModelConfig,
+    pub slices: SliceMeta,
+}
+
+impl ModelFile {
+    pub const FILE: &'static str = "model.json";
+}
+
+impl Stage for Train {
+    const KIND: &'static str = "train";
+    const USES_DEVICE: bool = true;
+
+    fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {
+        let mut issues = Vec::new();
+        for (key, r) in [("train", &self.train), ("validate", &self.validate)] {
+            if r.port().is_none() {
+                issues.push(ParamIssue::new(
+                    key,
+                    format!("reference a split part, like `{}.train`", r.stage()),
+                ));
+            }
+        }
+        if self.base < 2 || self.base > 256 {
+            issues.push(ParamIssue::new("base", "must be in 2..=256"));
+        }
+        if self.model == ModelKind::Linknet && !self.base.is_multiple_of(4) {
+            issues.push(ParamIssue::new(
+                "base",
+                "LinkNet's decoder divides widths by 4: use a multiple of 4",
+            ));
+        }
+        if !matches!(self.up_kernel, 2 | 3) {
+            issues.push(ParamIssue::new("up-kernel", "must be 2 or 3"));
+        }
+        if self.epochs == 0 {
+            issues.push(ParamIssue::new("epochs", "must be at least 1"));
+        }
+        if self.batch_size == 0 {
+            issues.push(ParamIssue::new("batch-size", "must be at least 1"));
+        }
+        if let Some(why) = self.learning_rate.check() {
+            issues.push(ParamIssue::new("learning-rate", why));
+        }
+        if self.shuffle_buffer == Some(0) {
+            issues.push(ParamIssue::new("shuffle-buffer", "must be at least 1"));
+        }
+        for (k, why) in self.augment.check() {
+            issues.push(ParamIssue::new(format!("augment.{k}"), why));
+        }
+        issues
+    }
+
+    fn inputs(&self) -> Vec<(String, &StageRef)> {
+        let mut v = vec![
+            ("slices".into(), &self.slices),
+            ("train".into(), &self.train),
+            ("validate".into(), &self.validate),
+        ];
+        if let Some(r) = &self.init_from {
+            v.push(("init-from".into(), r));
+        }
+        v
+    }
+
+    fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
+        let store = SliceStore::open(ctx.input(&self.slices)?).map_err(boxed)?;
+        let part = |r: &StageRef| -> Result<Vec<String>, StageError> {
+            let split = SplitFile::read(ctx.input(r)?)?;
+            let port = r.port().unwrap_or("train");
+            split
+                .part(port)
+                .map(<[String]>::to_vec)
+                .ok_or_else(|| StageError::Failed(format!("`{r}` is not a split part")))
+        };
+        let (train, val) = (
+            slices_of(&store, &part(&self.train)?).map_err(StageError::Failed)?,
+            slices_of(&store, &part(&self.validate)?).map_err(StageError::Failed)?,
+        );
+        let model = ModelConfig {
+            kind: self.model,
+            in_channels: store.meta.channels,
+            base: self.base,
+            batch_norm: self.batch_norm,
+            up_kernel: self.up_kernel,
+            freeze_encoder: false,
+        };
+        if !store.meta.size.is_multiple_of(model.size_multiple()) {
+            return Err(StageError::Failed(format!(
+                "slice size {} is not a multiple of {}, which {} needs\nhint: set the slice stage's `size` to a multiple of {}",
+                store.meta.size,
+                model.size_multiple(),
+                self.model.name(),
+                model.size_multiple()
+            )));
+        }
+        let init_from = match &self.init_from {
+            Some(r) => Some(ctx.input(r)?.join("model.safetensors")),
+            None => None,
+        };
+        let device = backend::device(self.backend, 0).map_err(StageError::Failed)?;
+        let job = Fit {
+            model: model.clone(),
+            epochs: self.epochs,
+            batch_size: self.batch_size,
+            learning_rate: &self.learning_rate,
+            warmup_epochs: self.warmup_epochs,
+            adam: adam(self.betas, self.epsilon, self.weight_decay),
+            loss: Loss {
+                kind: self.loss,
+                weights: self.loss_weights,
+                class_weights: self.class_weights,
+            },
+            shuffle: self.shuffle_buffer.map_or(Shuffle::Full, Shuffle::Buffer),
+            augment: &self.augment,
+            init_from,
+            device,
+            seed: ctx.seed,
+        };
+        tracing::info!(
+            model = self.model.name(),
+            train = train.len(),
+            validate = val.len(),
+            "training"
+        );
+        let rows = fit(
+            &job,
+            &store,
+            &train,
+            &val,
+            ctx.out,
+            ctx.resume,
+            &|d, t, m| ctx.report(d, t, m),
+        )
+        .map_err(boxed)?;
+        let mut csv = String::from(EpochRow::HEADER);
+        csv.push('\n');
+        for r in &rows {
+            csv += &r.csv();
+            csv.push('\n');
+        }
+        write(&ctx.out.join("metrics.csv"), csv.as_bytes())?;
+        let file = ModelFile {
+            model,
+            slices: store.meta.clone(),
+        };
+        write(
+            &ctx.out.join(ModelFile::FILE),
+            &serde_json::to_vec_pretty(&file).map_err(|e| StageError::Failed(e.to_string()))?,
+        )?;
+        Ok(())
+    }
+}
+
+fn write(path: &std::path::Path, bytes: &[u8]) -> Result<(), StageError> {
+    std::fs::write(path, bytes).map_err(StageError::io("write", path))
+}
+
+fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
+    StageError::Other(Box::new(e))
+}

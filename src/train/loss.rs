@@ -1,0 +1,63 @@
+//! Losses: cross-entropy (optionally class-weighted), soft Dice, and their weighted sum
+//! (the hybrid loss the study proposed as future work).
+
+use burn::nn::loss::CrossEntropyLossConfig;
+use burn::tensor::activation::softmax;
+use burn::tensor::{Int, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub enum LossKind {
+    #[default]
+    #[serde(rename = "ce")]
+    CrossEntropy,
+    #[serde(rename = "dice")]
+    Dice,
+    #[serde(rename = "ce+dice")]
+    CrossEntropyDice,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loss {
+    pub kind: LossKind,
+    /// Weights of (cross-entropy, Dice) in `ce+dice`.
+    pub weights: [f32; 2],
+    pub class_weights: Option<[f32; 3]>,
+}
+
+impl Loss {
+    /// The loss of `logits` `[n, 3, h, w]` against `labels` (`n * h * w`, row-major).
+    pub fn forward(&self, logits: Tensor<4>, labels: &[u8]) -> Tensor<1> {
+        let [n, c, h, w] = logits.dims();
+        let device = logits.device();
+        let ce = || {
+            let targets: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+            let targets =
+                Tensor::<1, Int>::from_data(TensorData::new(targets, [n * h * w]), &device);
+            let flat = logits.clone().permute([0, 2, 3, 1]).reshape([n * h * w, c]);
+            CrossEntropyLossConfig::new()
+                .with_weights(self.class_weights.map(|w| w.to_vec()))
+                .init(&device)
+                .forward(flat, targets)
+        };
+        let dice = || {
+            let mut onehot = vec![0.0f32; n * c * h * w];
+            for (i, &l) in labels.iter().enumerate() {
+                let (b, p) = (i / (h * w), i % (h * w));
+                onehot[(b * c + usize::from(l)) * h * w + p] = 1.0;
+            }
+            let t = Tensor::<4>::from_data(TensorData::new(onehot, [n, c, h, w]), &device);
+            let p = softmax(logits.clone(), 1);
+            let sum = |x: Tensor<4>| x.sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
+            let inter = sum(p.clone() * t.clone());
+            let denom = sum(p) + sum(t);
+            let dice = (inter * 2.0 + 1.0) / (denom + 1.0);
+            (dice.mean() * -1.0 + 1.0).reshape([1])
+        };
+        match self.kind {
+            LossKind::CrossEntropy => ce(),
+            LossKind::Dice => dice(),
+            LossKind::CrossEntropyDice => ce() * self.weights[0] + dice() * self.weights[1],
+        }
+    }
+}

@@ -1,0 +1,327 @@
+//! The training loop: a hand-written loop over burn (rather than burn-train's Learner),
+//! for full control of data order, metrics, checkpoints and progress.
+//!
+//! Every epoch: train on the shuffled, augmented training slices; score the validation
+//! slices (loss, the study's IoU, foreground IoU, per-class IoU and Dice); append a row
+//! to the metrics; checkpoint model and optimiser state in the resume directory. A run
+//! that finds a checkpoint continues after its epoch: data order and augmentation depend
+//! only on (seed, epoch, position), so the result equals an uninterrupted run.
+
+pub mod loss;
+pub mod schedule;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::module::Module;
+use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::store::{ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+
+use crate::data::augment::Augment;
+use crate::data::loader::{Shuffle, SliceId, batch, epoch_order};
+use crate::data::slices::SliceStore;
+use crate::metrics::SliceScores;
+use crate::models::{ModelConfig, Network};
+use loss::Loss;
+use schedule::LearningRate;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("cannot {action} `{path}`: {why}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        why: String,
+    },
+    #[error("{0}")]
+    Data(String),
+}
+
+fn file_err(action: &'static str, path: &Path) -> impl FnOnce(String) -> TrainError {
+    let path = path.to_path_buf();
+    move |why| TrainError::File { action, path, why }
+}
+
+/// Everything a fit needs.
+pub struct Fit<'a> {
+    pub model: ModelConfig,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub learning_rate: &'a LearningRate,
+    pub warmup_epochs: usize,
+    pub adam: AdamConfig,
+    pub loss: Loss,
+    pub shuffle: Shuffle,
+    pub augment: &'a Augment,
+    /// Weights (safetensors) to start from.
+    pub init_from: Option<PathBuf>,
+    pub device: Device,
+    pub seed: u64,
+}
+
+/// One epoch's row of `metrics.csv`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EpochRow {
+    pub epoch: usize,
+    pub lr: f64,
+    pub train_loss: f64,
+    pub val_loss: f64,
+    pub val_iou: f64,
+    pub val_iou_present: f64,
+    pub val_fg_iou: f64,
+    pub iou: [f64; 3],
+    pub dice: [f64; 3],
+}
+
+impl EpochRow {
+    pub const HEADER: &'static str = "epoch,lr,train_loss,val_loss,val_iou,val_iou_present,val_fg_iou,iou_background,iou_kidney,iou_tumor,dice_background,dice_kidney,dice_tumor";
+
+    pub fn csv(&self) -> String {
+        let f = |v: f64| {
+            if v.is_nan() {
+                String::new()
+            } else {
+                format!("{v}")
+            }
+        };
+        let mut cols = vec![
+            self.epoch.to_string(),
+            f(self.lr),
+            f(self.train_loss),
+            f(self.val_loss),
+            f(self.val_iou),
+            f(self.val_iou_present),
+            f(self.val_fg_iou),
+        ];
+        cols.extend(self.iou.iter().chain(&self.dice).map(|&v| f(v)));
+        cols.join(",")
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    epochs_done: usize,
+    rows: Vec<EpochRow>,
+}
+
+/// Progress callback: (done, total, message).
+pub type Report<'a> = &'a (dyn Fn(u64, u64, String) + Sync);
+
+/// Trains, writing `model.safetensors` and returning one row per epoch.
+pub fn fit(
+    f: &Fit,
+    store: &SliceStore,
+    train: &[SliceId],
+    val: &[SliceId],
+    out: &Path,
+    resume: &Path,
+    report: Report,
+) -> Result<Vec<EpochRow>, TrainError> {
+    if train.is_empty() || val.is_empty() {
+        return Err(TrainError::Data(format!(
+            "{} training and {} validation slices: both parts need slices",
+            train.len(),
+            val.len()
+        )));
+    }
+    let device = f.device.clone().autodiff();
+    device.seed(f.seed);
+    let mut model: Network = f.model.init(&device);
+    if let Some(path) = &f.init_from {
+        let mut st = SafetensorsStore::from_file(path.clone());
+        model
+            .load_from(&mut st)
+            .map_err(|e| file_err("load weights from", path)(e.to_string()))?;
+        tracing::info!(path = %path.display(), "initialised from weights");
+    }
+    let mut optim = f.adam.init();
+    let state_path = resume.join("checkpoint.json");
+    let mut rows: Vec<EpochRow> = Vec::new();
+    if let Ok(text) = std::fs::read_to_string(&state_path) {
+        let ck: Checkpoint = serde_json::from_str(&text)
+            .map_err(|e| file_err("read", &state_path)(e.to_string()))?;
+        let (m, o) = (
+            resume.join(format!("model-{}.bpk", ck.epochs_done)),
+            resume.join(format!("optim-{}.bpk", ck.epochs_done)),
+        );
+        model = model
+            .try_load_file(&m)
+            .map_err(|e| file_err("load checkpoint", &m)(e.to_string()))?;
+        optim = optim
+            .load(&o)
+            .map_err(|e| file_err("load checkpoint", &o)(e.to_string()))?;
+        rows = ck.rows;
+        tracing::info!(epoch = ck.epochs_done, "resumed from checkpoint");
+    }
+    let batches_per_epoch = train.len().div_ceil(f.batch_size) as u64;
+    let total = batches_per_epoch * f.epochs as u64;
+    for epoch in rows.len()..f.epochs {
+        let lr = f.learning_rate.at(epoch, f.epochs, f.warmup_epochs);
+        let order = epoch_order(train, f.shuffle, f.seed, epoch);
+        let started = Instant::now();
+        let mut loss_sum = 0.0;
+        for (b, ids) in order.chunks(f.batch_size).enumerate() {
+            let aug = (!f.augment.is_identity()).then_some((
+                f.augment,
+                f.seed,
+                epoch,
+                b * f.batch_size,
+                train,
+            ));
+            let data = batch(store, ids, aug).map_err(|e| TrainError::Data(e.to_string()))?;
+            let x = images_tensor(store, &data.images, data.len, &device);
+            let loss = f.loss.forward(model.forward(x), &data.labels);
+            loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * data.len as f64;
+            let grads = GradientsParams::from_grads(loss.backward(), &model);
+            model = optim.step(lr, model, grads);
+            let done = epoch as u64 * batches_per_epoch + b as u64 + 1;
+            let rate = ((b + 1) * f.batch_size).min(order.len()) as f64
+                / started.elapsed().as_secs_f64().max(1e-9);
+            report(
+                done,
+                total,
+                format!(
+                    "epoch {}/{} loss {:.4} {rate:.1} slices/s",
+                    epoch + 1,
+                    f.epochs,
+                    loss_sum / ((b + 1) * f.batch_size).min(order.len()) as f64
+                ),
+            );
+        }
+        let train_loss = loss_sum / order.len() as f64;
+        let (val_loss, scores) = validate(&model.valid(), store, val, f.batch_size, &f.loss)?;
+        let s = scores.summary();
+        let row = EpochRow {
+            epoch: epoch + 1,
+            lr,
+            train_loss,
+            val_loss,
+            val_iou: s.study_iou,
+            val_iou_present: s.study_iou_present,
+            val_fg_iou: s.fg_iou,
+            iou: s.class_iou,
+            dice: s.class_dice,
+        };
+        tracing::info!(
+            epoch = epoch + 1,
+            lr,
+            train_loss,
+            val_loss,
+            val_iou = s.study_iou,
+            val_fg_iou = s.fg_iou,
+            kidney_dice = s.class_dice[1],
+            seconds = started.elapsed().as_secs_f64(),
+            "epoch"
+        );
+        rows.push(row);
+        save_checkpoint(&model, &optim, &rows, resume)?;
+    }
+    let path = out.join("model.safetensors");
+    let mut st = SafetensorsStore::from_file(path.clone()).overwrite(true);
+    model
+        .valid()
+        .save_into(&mut st)
+        .map_err(|e| file_err("save weights to", &path)(e.to_string()))?;
+    Ok(rows)
+}
+
+fn images_tensor(store: &SliceStore, images: &[f32], n: usize, device: &Device) -> Tensor<4> {
+    let (c, s) = (store.meta.channels, store.meta.size);
+    Tensor::<4>::from_data(TensorData::new(images.to_vec(), [n, c, s, s]), device)
+}
+
+/// Loss and scores of `model` on `slices` (no augmentation, in store order).
+pub fn validate(
+    model: &Network,
+    store: &SliceStore,
+    slices: &[SliceId],
+    batch_size: usize,
+    loss: &Loss,
+) -> Result<(f64, SliceScores), TrainError> {
+    let device = model
+        .devices()
+        .into_iter()
+        .next()
+        .unwrap_or_else(Device::flex);
+    let mut scores = SliceScores::default();
+    let mut loss_sum = 0.0;
+    let plane = store.meta.size * store.meta.size;
+    for ids in slices.chunks(batch_size) {
+        let data = batch(store, ids, None).map_err(|e| TrainError::Data(e.to_string()))?;
+        let logits = model.forward(images_tensor(store, &data.images, data.len, &device));
+        loss_sum += f64::from(
+            loss.forward(logits.clone(), &data.labels)
+                .into_scalar::<f32>(),
+        ) * data.len as f64;
+        let pred = predict_labels(logits)?;
+        for (t, p) in data.labels.chunks(plane).zip(pred.chunks(plane)) {
+            scores.add_slice(t, p);
+        }
+    }
+    Ok((loss_sum / slices.len().max(1) as f64, scores))
+}
+
+/// Argmax over the class axis, as label maps `[n, h, w]` flattened.
+pub fn predict_labels(logits: Tensor<4>) -> Result<Vec<u8>, TrainError> {
+    let pred = logits
+        .argmax(1)
+        .try_into_vec_as::<i64>()
+        .map_err(|e| TrainError::Data(format!("cannot read predictions: {e:?}")))?;
+    Ok(pred.into_iter().map(|v| v.clamp(0, 2) as u8).collect())
+}
+
+fn save_checkpoint(
+    model: &Network,
+    optim: &burn::optim::ModuleOptimizer,
+    rows: &[EpochRow],
+    resume: &Path,
+) -> Result<(), TrainError> {
+    std::fs::create_dir_all(resume).map_err(|e| file_err("create", resume)(e.to_string()))?;
+    let n = rows.len();
+    let (m, o) = (
+        resume.join(format!("model-{n}.bpk")),
+        resume.join(format!("optim-{n}.bpk")),
+    );
+    for p in [&m, &o] {
+        let _ = std::fs::remove_file(p);
+    }
+    model
+        .clone()
+        .save_file(&m)
+        .map_err(|e| file_err("write checkpoint", &m)(e.to_string()))?;
+    optim
+        .save(&o)
+        .map_err(|e| file_err("write checkpoint", &o)(e.to_string()))?;
+    let state = serde_json::to_vec(&Checkpoint {
+        epochs_done: n,
+        rows: rows.to_vec(),
+    })
+    .map_err(|e| TrainError::Data(e.to_string()))?;
+    let path = resume.join("checkpoint.json");
+    crate::cache::write_atomic(&path, &state)
+        .map_err(|e| file_err("write", &path)(e.to_string()))?;
+    if n > 1 {
+        for p in [
+            resume.join(format!("model-{}.bpk", n - 1)),
+            resume.join(format!("optim-{}.bpk", n - 1)),
+        ] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+    Ok(())
+}
+
+/// The Adam optimiser of the study's settings.
+pub fn adam(betas: [f32; 2], epsilon: f32, weight_decay: f32) -> AdamConfig {
+    let c = AdamConfig::new()
+        .with_beta_1(betas[0])
+        .with_beta_2(betas[1])
+        .with_epsilon(epsilon);
+    if weight_decay > 0.0 {
+        c.with_weight_decay(Some(WeightDecayConfig::new(weight_decay)))
+    } else {
+        c
+    }
+}
