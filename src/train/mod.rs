@@ -78,6 +78,31 @@ pub struct EpochRow {
 impl EpochRow {
     pub const HEADER: &'static str = "epoch,lr,train_loss,val_loss,val_iou,val_iou_present,val_fg_iou,iou_background,iou_kidney,iou_tumor,dice_background,dice_kidney,dice_tumor";
 
+    pub fn from_csv(line: &str) -> Option<EpochRow> {
+        let v: Vec<f64> = line
+            .split(',')
+            .map(|c| {
+                if c.is_empty() {
+                    Ok(f64::NAN)
+                } else {
+                    c.parse()
+                }
+            })
+            .collect::<Result<_, _>>()
+            .ok()?;
+        (v.len() == 13).then(|| EpochRow {
+            epoch: v[0] as usize,
+            lr: v[1],
+            train_loss: v[2],
+            val_loss: v[3],
+            val_iou: v[4],
+            val_iou_present: v[5],
+            val_fg_iou: v[6],
+            iou: [v[7], v[8], v[9]],
+            dice: [v[10], v[11], v[12]],
+        })
+    }
+
     pub fn csv(&self) -> String {
         let f = |v: f64| {
             if v.is_nan() {
@@ -103,7 +128,8 @@ impl EpochRow {
 #[derive(Serialize, Deserialize)]
 struct Checkpoint {
     epochs_done: usize,
-    rows: Vec<EpochRow>,
+    /// Metrics rows as CSV lines (JSON has no NaN).
+    rows: Vec<String>,
 }
 
 /// Progress callback: (done, total, message).
@@ -140,20 +166,16 @@ pub fn fit(
     let state_path = resume.join("checkpoint.json");
     let mut rows: Vec<EpochRow> = Vec::new();
     if let Ok(text) = std::fs::read_to_string(&state_path) {
-        let ck: Checkpoint = serde_json::from_str(&text)
-            .map_err(|e| file_err("read", &state_path)(e.to_string()))?;
-        let (m, o) = (
-            resume.join(format!("model-{}.bpk", ck.epochs_done)),
-            resume.join(format!("optim-{}.bpk", ck.epochs_done)),
-        );
-        model = model
-            .try_load_file(&m)
-            .map_err(|e| file_err("load checkpoint", &m)(e.to_string()))?;
-        optim = optim
-            .load(&o)
-            .map_err(|e| file_err("load checkpoint", &o)(e.to_string()))?;
-        rows = ck.rows;
-        tracing::info!(epoch = ck.epochs_done, "resumed from checkpoint");
+        match resume_from(&text, resume, model.clone(), optim.clone()) {
+            Ok((m, o, r)) => {
+                (model, optim, rows) = (m, o, r);
+                tracing::info!(epoch = rows.len(), "resumed from checkpoint");
+            }
+            Err(e) => tracing::warn!(
+                "ignoring an unreadable checkpoint in `{}`: {e}",
+                resume.display()
+            ),
+        }
     }
     let batches_per_epoch = train.len().div_ceil(f.batch_size) as u64;
     let total = batches_per_epoch * f.epochs as u64;
@@ -224,7 +246,36 @@ pub fn fit(
         .valid()
         .save_into(&mut st)
         .map_err(|e| file_err("save weights to", &path)(e.to_string()))?;
+    drop(st);
+    canonical_safetensors(&path).map_err(|e| file_err("rewrite", &path)(e.to_string()))?;
     Ok(rows)
+}
+
+/// Rewrites a safetensors header with its keys sorted: burn writes its metadata map in
+/// hash order, which would make identical weights differ byte-wise between runs.
+pub fn canonical_safetensors(path: &Path) -> std::io::Result<()> {
+    let bytes = std::fs::read(path)?;
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let n = u64::from_le_bytes(
+        bytes
+            .get(..8)
+            .ok_or_else(|| bad("no header"))?
+            .try_into()
+            .expect("8 bytes"),
+    ) as usize;
+    let header: serde_json::Value =
+        serde_json::from_slice(bytes.get(8..8 + n).ok_or_else(|| bad("short header"))?)
+            .map_err(|e| bad(&e.to_string()))?;
+    let mut text = String::new();
+    crate::cache::canonical_json(&header, &mut text);
+    while text.len() % 8 != 0 {
+        text.push(' ');
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(text.as_bytes());
+    out.extend_from_slice(&bytes[8 + n..]);
+    crate::cache::write_atomic(path, &out)
 }
 
 fn images_tensor(store: &SliceStore, images: &[f32], n: usize, device: &Device) -> Tensor<4> {
@@ -272,6 +323,32 @@ pub fn predict_labels(logits: Tensor<4>) -> Result<Vec<u8>, TrainError> {
     Ok(pred.into_iter().map(|v| v.clamp(0, 2) as u8).collect())
 }
 
+type Resumed = (Network, burn::optim::ModuleOptimizer, Vec<EpochRow>);
+
+fn resume_from(
+    text: &str,
+    resume: &Path,
+    model: Network,
+    optim: burn::optim::ModuleOptimizer,
+) -> Result<Resumed, String> {
+    let ck: Checkpoint = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let rows: Vec<EpochRow> = ck
+        .rows
+        .iter()
+        .map(|l| EpochRow::from_csv(l).ok_or_else(|| format!("bad metrics row `{l}`")))
+        .collect::<Result<_, _>>()?;
+    if rows.len() != ck.epochs_done {
+        return Err("metrics rows and epochs disagree".into());
+    }
+    let (m, o) = (
+        resume.join(format!("model-{}.bpk", ck.epochs_done)),
+        resume.join(format!("optim-{}.bpk", ck.epochs_done)),
+    );
+    let model = model.try_load_file(&m).map_err(|e| e.to_string())?;
+    let optim = optim.load(&o).map_err(|e| e.to_string())?;
+    Ok((model, optim, rows))
+}
+
 fn save_checkpoint(
     model: &Network,
     optim: &burn::optim::ModuleOptimizer,
@@ -296,7 +373,7 @@ fn save_checkpoint(
         .map_err(|e| file_err("write checkpoint", &o)(e.to_string()))?;
     let state = serde_json::to_vec(&Checkpoint {
         epochs_done: n,
-        rows: rows.to_vec(),
+        rows: rows.iter().map(EpochRow::csv).collect(),
     })
     .map_err(|e| TrainError::Data(e.to_string()))?;
     let path = resume.join("checkpoint.json");
