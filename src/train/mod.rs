@@ -268,7 +268,7 @@ pub fn canonical_safetensors(path: &Path) -> std::io::Result<()> {
             .map_err(|e| bad(&e.to_string()))?;
     let mut text = String::new();
     crate::cache::canonical_json(&header, &mut text);
-    while text.len() % 8 != 0 {
+    while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
     let mut out = Vec::with_capacity(bytes.len());
