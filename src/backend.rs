@@ -14,12 +14,19 @@ pub enum BackendKind {
 
 /// The device for a backend. Devices are always built explicitly: adding the GPU feature
 /// moves burn's `Device::default()` off the CPU.
-pub fn device(kind: BackendKind, _index: usize) -> Result<Device, String> {
+pub fn device(kind: BackendKind, index: usize) -> Result<Device, String> {
     match kind {
         BackendKind::Cpu => Ok(Device::flex()),
         #[cfg(feature = "gpu")]
-        BackendKind::Gpu => Ok(Device::wgpu(burn::tensor::DeviceKind::DefaultDevice)),
+        BackendKind::Gpu => Ok(Device::wgpu(if index == 0 {
+            burn::tensor::DeviceKind::DefaultDevice
+        } else {
+            burn::tensor::DeviceKind::DiscreteGpu(index)
+        })),
         #[cfg(not(feature = "gpu"))]
-        BackendKind::Gpu => Err("this kpipe was built without GPU support\nhint: build with `cargo build --features gpu` (burn-wgpu)".into()),
+        BackendKind::Gpu => {
+            let _ = index;
+            Err("this kpipe was built without GPU support\nhint: build with `cargo build --features gpu` (burn-wgpu)".into())
+        }
     }
 }

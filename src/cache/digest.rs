@@ -15,6 +15,10 @@ pub struct TreeDigest {
     pub bytes: u64,
 }
 
+/// An artifact's `volatile/` folder holds measurements no rerun reproduces (wall times):
+/// digests skip it, so it never makes two equal results differ.
+pub const VOLATILE: &str = "volatile";
+
 /// Digest of one file's content, in hex.
 pub fn file_digest(path: &Path) -> io::Result<String> {
     let mut h = blake3::Hasher::new();
@@ -50,6 +54,9 @@ pub fn tree_digest(root: &Path) -> io::Result<TreeDigest> {
             .map(|c| c.as_os_str().to_string_lossy())
             .collect::<Vec<_>>()
             .join("/");
+        if rel == VOLATILE || rel.starts_with(&format!("{VOLATILE}/")) {
+            continue;
+        }
         entries.push((rel, entry));
     }
     let records: Vec<io::Result<(String, u64)>> = entries

@@ -109,6 +109,34 @@ enum Command {
         #[arg(long)]
         corrupt: bool,
     },
+    /// Recompute a pipeline from scratch and compare every output with its lock file
+    #[command(after_help = EXIT_CODES)]
+    Verify {
+        /// The pipeline file (not needed with --cache)
+        #[arg(required_unless_present = "cache")]
+        file: Option<PathBuf>,
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+        /// Instead: re-hash every entry of the existing cache and report rot
+        #[arg(long, conflicts_with = "file")]
+        cache: bool,
+        #[arg(short, long)]
+        jobs: Option<usize>,
+    },
+    /// Print where the pipeline's latest report is
+    Report {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+    },
+    /// The metrics of every evaluate and sweep node of the pipeline's latest results
+    Metrics {
+        #[command(flatten)]
+        pipeline: PipelineArgs,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +172,8 @@ pub enum CliError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Stage(#[from] crate::stages::StageError),
+    #[error("{0}")]
+    Usage(String),
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
@@ -155,7 +185,7 @@ impl CliError {
         match self {
             CliError::Config(_) => exit::CONFIG,
             CliError::Cache(CacheError::Corrupt { .. }) => exit::CORRUPT,
-            CliError::Nifti(_) => exit::CONFIG,
+            CliError::Nifti(_) | CliError::Usage(_) => exit::CONFIG,
             CliError::Cache(_) | CliError::Stage(_) | CliError::Output(_) => exit::STAGE_FAILED,
         }
     }
@@ -368,6 +398,190 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             gc(&cache, *dry_run, *corrupt, &mut stdout)?;
             Ok(exit::OK)
         }
+        Command::Verify {
+            file,
+            profile,
+            set,
+            cache,
+            jobs,
+        } => {
+            let store = Cache::open(&cli.cache_dir)?;
+            if *cache {
+                let rows = crate::verify::verify_cache(&store)?;
+                let bad = rows.iter().filter(|r| r.2.is_some()).count();
+                for (key, stage, problem) in &rows {
+                    writeln!(
+                        stdout,
+                        "{}  {:<28} {}",
+                        &key[..12],
+                        stage,
+                        problem.as_deref().unwrap_or("ok")
+                    )?;
+                }
+                writeln!(stdout, "{} entries, {bad} corrupt", rows.len())?;
+                return Ok(if bad > 0 { exit::CORRUPT } else { exit::OK });
+            }
+            let args = PipelineArgs {
+                file: file.clone().unwrap_or_default(),
+                profile: profile.clone(),
+                set: set.clone(),
+            };
+            let plan = load(&args)?;
+            let lock_path = LockFile::path_for(&plan.spec.file, plan.spec.profile.as_deref());
+            if !lock_path.exists() {
+                return Err(CliError::Usage(format!(
+                    "no lock file `{}` to verify against\nhint: run the pipeline first: `kpipe run {}`",
+                    lock_path.display(),
+                    args.file.display()
+                )));
+            }
+            let mut opts = RunOptions::default();
+            if let Some(j) = jobs {
+                opts.jobs = (*j).max(1);
+            }
+            let reporter =
+                progress::TermReporter::new(!cli.no_progress && std::io::stderr().is_terminal());
+            let checks = crate::verify::verify_pipeline(&plan, store.root(), &opts, &reporter)?;
+            reporter.finish();
+            let width = checks.iter().map(|c| c.id.len()).max().unwrap_or(4);
+            writeln!(
+                stdout,
+                "{:<width$}  {:<9} {:<12}  {:<12}  result",
+                "node", "kind", "locked", "recomputed"
+            )?;
+            for c in &checks {
+                let short = |d: &Option<String>| {
+                    d.as_deref()
+                        .map_or("-".to_string(), |d| d[..12].to_string())
+                };
+                let verdict = match c.verdict {
+                    crate::verify::Verdict::Match => "match",
+                    crate::verify::Verdict::Mismatch => "MISMATCH",
+                    crate::verify::Verdict::Unlocked => "not in lock file",
+                    crate::verify::Verdict::Failed => "FAILED",
+                };
+                writeln!(
+                    stdout,
+                    "{:<width$}  {:<9} {:<12}  {:<12}  {verdict}",
+                    c.id,
+                    c.kind,
+                    short(&c.locked),
+                    short(&c.actual)
+                )?;
+            }
+            let mismatches = checks
+                .iter()
+                .filter(|c| c.verdict == crate::verify::Verdict::Mismatch)
+                .count();
+            let failed = checks
+                .iter()
+                .filter(|c| c.verdict == crate::verify::Verdict::Failed)
+                .count();
+            writeln!(
+                stdout,
+                "{} nodes: {} match, {mismatches} mismatch, {failed} failed",
+                checks.len(),
+                checks.len() - mismatches - failed
+            )?;
+            Ok(if mismatches > 0 {
+                exit::CORRUPT
+            } else if failed > 0 {
+                exit::STAGE_FAILED
+            } else {
+                exit::OK
+            })
+        }
+        Command::Report { pipeline } => {
+            let plan = load(pipeline)?;
+            let cache = Cache::open(&cli.cache_dir)?;
+            let found = latest_outputs(&plan, &cache, "report");
+            if found.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "no report of `{}` in the cache\nhint: run the pipeline first",
+                    pipeline.file.display()
+                )));
+            }
+            for (id, dir) in found {
+                writeln!(stdout, "{id}: {}", dir.join("report.html").display())?;
+            }
+            Ok(exit::OK)
+        }
+        Command::Metrics { pipeline, json } => {
+            let plan = load(pipeline)?;
+            let cache = Cache::open(&cli.cache_dir)?;
+            let mut all = serde_json::Map::new();
+            for (id, dir) in latest_outputs(&plan, &cache, "evaluate") {
+                if let Ok(v) = std::fs::read_to_string(dir.join("summary.json"))
+                    .map(|t| serde_json::from_str::<serde_json::Value>(&t))
+                {
+                    all.insert(id, v.unwrap_or_default());
+                }
+            }
+            for (id, dir) in latest_outputs(&plan, &cache, "sweep") {
+                if let Ok(file) = crate::stages::sweep::SweepFile::read(&dir) {
+                    let arms: serde_json::Map<String, serde_json::Value> = file
+                        .arms
+                        .iter()
+                        .map(|a| (a.id.clone(), serde_json::json!({"best": a.best, "best_epoch": a.best_epoch, "final_val_iou": a.last.val_iou, "final_dice_kidney": a.last.dice_kidney, "selected": a.selected})))
+                        .collect();
+                    all.insert(
+                        id,
+                        serde_json::json!({"metric": file.select.metric, "arms": arms}),
+                    );
+                }
+            }
+            if all.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "no evaluate or sweep results of `{}` in the cache\nhint: run the pipeline first",
+                    pipeline.file.display()
+                )));
+            }
+            if *json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::to_string_pretty(&all).unwrap_or_default()
+                )?;
+            } else {
+                for (id, v) in &all {
+                    writeln!(stdout, "{id}")?;
+                    print_flat(&mut stdout, "  ", v)?;
+                }
+            }
+            Ok(exit::OK)
+        }
+    }
+}
+
+/// The artifact directories of the pipeline's nodes of `kind`, as the lock file records them.
+fn latest_outputs(plan: &Plan, cache: &Cache, kind: &str) -> Vec<(String, PathBuf)> {
+    let lock = LockFile::read(&LockFile::path_for(
+        &plan.spec.file,
+        plan.spec.profile.as_deref(),
+    ))
+    .unwrap_or_default();
+    lock.nodes
+        .iter()
+        .filter(|(_, r)| r.kind == kind)
+        .filter_map(|(id, r)| cache.peek(&r.key).map(|e| (id.clone(), e.out())))
+        .collect()
+}
+
+fn print_flat(out: &mut impl Write, indent: &str, v: &serde_json::Value) -> std::io::Result<()> {
+    match v {
+        serde_json::Value::Object(m) => {
+            for (k, x) in m {
+                if x.is_object() {
+                    writeln!(out, "{indent}{k}")?;
+                    print_flat(out, &format!("{indent}  "), x)?;
+                } else {
+                    let shown = x.as_f64().map_or(x.to_string(), |f| format!("{f:.4}"));
+                    writeln!(out, "{indent}{k:<22} {shown}")?;
+                }
+            }
+            Ok(())
+        }
+        other => writeln!(out, "{indent}{other}"),
     }
 }
 

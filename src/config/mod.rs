@@ -17,6 +17,7 @@
 mod diagnostics;
 pub mod document;
 pub mod spec;
+mod sweep;
 
 pub use diagnostics::{ConfigError, Located, Sources};
 pub use document::{Document, Override};

@@ -134,12 +134,8 @@ fn check(
     match doc.root.get("stages") {
         Some(Value::Table(table)) => {
             for (id, value) in table {
-                if let Some(stage) = check_stage(doc, id, value, &ctx, problems) {
-                    stages.push(StageSpec {
-                        id: id.clone(),
-                        seed: 0,
-                        stage,
-                    });
+                for (id, stage) in check_stage(doc, id, value, &ctx, problems) {
+                    stages.push(StageSpec { id, seed: 0, stage });
                 }
             }
         }
@@ -182,7 +178,7 @@ fn check_stage(
     value: &Value,
     ctx: &CheckContext,
     problems: &mut Problems,
-) -> Option<Box<dyn DynStage>> {
+) -> Vec<(String, Box<dyn DynStage>)> {
     let path = format!("stages.{id}");
     if id.is_empty()
         || !id
@@ -195,7 +191,7 @@ fn check_stage(
             "ids use letters, digits, `-` and `_`",
             vec!["hint: `.` separates a stage from its output in references, so ids cannot contain it".into()],
         );
-        return None;
+        return vec![];
     }
     let Value::Table(table) = value else {
         problems.error(
@@ -204,7 +200,7 @@ fn check_stage(
             "expected a table",
             vec![],
         );
-        return None;
+        return vec![];
     };
     let kinds: Vec<&str> = stages::KINDS.iter().map(|k| k.name).collect();
     let kind_hint = format!(
@@ -227,7 +223,7 @@ fn check_stage(
                     "unknown kind",
                     vec![hint],
                 );
-                return None;
+                return vec![];
             }
         },
         Some(_) => {
@@ -237,7 +233,7 @@ fn check_stage(
                 "expected a string",
                 vec![kind_hint],
             );
-            return None;
+            return vec![];
         }
         None => {
             problems.error(
@@ -246,21 +242,29 @@ fn check_stage(
                 "missing `kind`",
                 vec![kind_hint],
             );
-            return None;
+            return vec![];
         }
     };
     let mut params = table.clone();
     params.remove("kind");
+    if let Some(sweep) = params.remove("sweep") {
+        return super::sweep::expand(doc, id, kind, params, sweep, ctx, problems);
+    }
     match kind.configure(Value::Table(params), ctx) {
-        Ok(stage) => Some(stage),
+        Ok(stage) => vec![(id.to_string(), stage)],
         Err(issues) => {
             report(doc, &path, issues, problems);
-            None
+            vec![]
         }
     }
 }
 
-fn report(doc: &Document, prefix: &str, issues: Vec<ParamIssue>, problems: &mut Problems) {
+pub(crate) fn report(
+    doc: &Document,
+    prefix: &str,
+    issues: Vec<ParamIssue>,
+    problems: &mut Problems,
+) {
     for issue in issues {
         let path = join(prefix, &issue.path);
         let (at, label) = if issue.on_key {
@@ -435,7 +439,14 @@ pub(crate) fn parse_params<T: DeserializeOwned>(value: Value) -> (Option<T>, Vec
             Ok(t) => return (if issues.is_empty() { Some(t) } else { None }, issues),
             Err(e) => {
                 let segments = error_path(e.path());
-                let message = e.into_inner().message().trim().to_string();
+                let message = e
+                    .into_inner()
+                    .message()
+                    .trim()
+                    .replace(
+                        "data did not match any variant of untagged enum LearningRate",
+                        "expected a learning rate: a number, or `{ piecewise = [[rate, epochs], ...] }`, `{ step = { initial, gamma, every } }` or `{ cosine = { initial, min } }`",
+                    );
                 // A missing field that we removed ourselves is a consequence, not a problem.
                 let is_ours = message.starts_with("missing field")
                     && removed.iter().any(|r| message.contains(&format!("`{r}`")));

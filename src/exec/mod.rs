@@ -72,6 +72,8 @@ pub struct RunOptions {
     /// Nodes that need a device (training) running at once: one per GPU, one on CPU.
     pub device_slots: usize,
     pub fail_fast: bool,
+    /// Write the pipeline's lock file afterwards (not when verifying into a scratch cache).
+    pub record_lock: bool,
 }
 
 impl Default for RunOptions {
@@ -79,6 +81,7 @@ impl Default for RunOptions {
         RunOptions {
             jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
             device_slots: 1,
+            record_lock: true,
             fail_fast: false,
         }
     }
@@ -325,7 +328,9 @@ pub fn run(
             })
             .collect(),
     };
-    record_lock(plan, cache, &state)?;
+    if opts.record_lock {
+        record_lock(plan, cache, &state)?;
+    }
     Ok(summary)
 }
 

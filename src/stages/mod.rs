@@ -11,9 +11,12 @@
 //! files it has not declared.
 
 pub mod command;
+pub mod evaluate;
 pub mod load;
+pub mod report;
 pub mod slice;
 pub mod split;
+pub mod sweep;
 pub mod train;
 
 use std::collections::BTreeMap;
@@ -30,12 +33,21 @@ pub struct StageRef(pub String);
 impl StageRef {
     /// The id of the referenced stage.
     pub fn stage(&self) -> &str {
-        self.0.split_once('.').map_or(&self.0, |(s, _)| s)
+        self.split().0
     }
 
     /// The named output, if any (`train` in `split.train`).
     pub fn port(&self) -> Option<&str> {
-        self.0.split_once('.').map(|(_, p)| p)
+        self.split().1
+    }
+
+    /// A sweep arm's id (`train[lr=1e-3]`) may hold dots inside its brackets.
+    fn split(&self) -> (&str, Option<&str>) {
+        let end = self.0.rfind(']').map_or(0, |i| i + 1);
+        match self.0[end..].find('.') {
+            Some(i) => (&self.0[..end + i], Some(&self.0[end + i + 1..])),
+            None => (&self.0, None),
+        }
     }
 }
 
@@ -143,6 +155,16 @@ impl RunContext<'_> {
             .ok_or_else(|| StageError::Failed(format!("input `{r}` was not provided")))
     }
 
+    /// The directory a reference points into: the output's own subdirectory where the
+    /// artifact has one (`train.best` of a sweep), else the whole artifact.
+    pub fn input_dir(&self, r: &StageRef) -> Result<PathBuf, StageError> {
+        let dir = self.input(r)?;
+        Ok(match r.port() {
+            Some(p) if dir.join(p).is_dir() => dir.join(p),
+            _ => dir.to_path_buf(),
+        })
+    }
+
     pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
         (self.progress)(Progress {
             done,
@@ -247,6 +269,9 @@ pub static KINDS: &[Kind] = &[
     Kind::of::<slice::Slice>(),
     Kind::of::<split::Split>(),
     Kind::of::<train::Train>(),
+    Kind::of::<sweep::Sweep>(),
+    Kind::of::<evaluate::Evaluate>(),
+    Kind::of::<report::Report>(),
 ];
 
 pub fn kind(name: &str) -> Option<&'static Kind> {
@@ -264,5 +289,27 @@ fn configure<S: Stage>(
     match stage {
         Some(stage) if issues.is_empty() => Ok(Box::new(stage)),
         _ => Err(issues),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::StageRef;
+
+    #[test]
+    fn references_split_into_stage_and_output() {
+        let r = |s: &str| StageRef(s.to_string());
+        assert_eq!((r("split").stage(), r("split").port()), ("split", None));
+        assert_eq!(
+            (r("split.train").stage(), r("split.train").port()),
+            ("split", Some("train"))
+        );
+        let arm = r("train[augment=0.5,lr=1e-3]");
+        assert_eq!(
+            (arm.stage(), arm.port()),
+            ("train[augment=0.5,lr=1e-3]", None)
+        );
+        let best = r("train[x=0.5].best");
+        assert_eq!((best.stage(), best.port()), ("train[x=0.5]", Some("best")));
     }
 }

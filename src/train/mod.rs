@@ -278,7 +278,7 @@ pub fn canonical_safetensors(path: &Path) -> std::io::Result<()> {
     crate::cache::write_atomic(path, &out)
 }
 
-fn images_tensor(store: &SliceStore, images: &[f32], n: usize, device: &Device) -> Tensor<4> {
+pub fn images_tensor(store: &SliceStore, images: &[f32], n: usize, device: &Device) -> Tensor<4> {
     let (c, s) = (store.meta.channels, store.meta.size);
     Tensor::<4>::from_data(TensorData::new(images.to_vec(), [n, c, s, s]), device)
 }
@@ -312,6 +312,24 @@ pub fn validate(
         }
     }
     Ok((loss_sum / slices.len().max(1) as f64, scores))
+}
+
+/// A trained network and its `model.json`, from a train artifact, on `device`.
+pub fn load_network(
+    dir: &Path,
+    device: &Device,
+) -> Result<(Network, crate::stages::train::ModelFile), TrainError> {
+    let path = dir.join(crate::stages::train::ModelFile::FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| file_err("read", &path)(e.to_string()))?;
+    let file: crate::stages::train::ModelFile =
+        serde_json::from_str(&text).map_err(|e| file_err("read", &path)(e.to_string()))?;
+    let mut net = file.model.init(device);
+    let weights = dir.join("model.safetensors");
+    let mut st = SafetensorsStore::from_file(weights.clone());
+    net.load_from(&mut st)
+        .map_err(|e| file_err("load weights from", &weights)(e.to_string()))?;
+    Ok((net, file))
 }
 
 /// Argmax over the class axis, as label maps `[n, h, w]` flattened.

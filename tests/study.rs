@@ -1,0 +1,195 @@
+//! The study's machinery end to end on a tiny synthetic set: a learning-rate sweep, its
+//! comparison, evaluation, the report, `metrics`, `report` and `verify`.
+
+mod common;
+
+use common::{Project, ran};
+
+const SWEEP: &str = r#"
+[pipeline]
+name = "mini-study"
+seed = 7
+
+[stages.load]
+kind = "load"
+source = "synthetic"
+cases = 5
+shape = [16, 32, 32]
+
+[stages.slice]
+kind = "slice"
+input = "load"
+size = 32
+keep-empty = 0.3
+
+[stages.split]
+kind = "split"
+input = "load"
+ratios = [0.6, 0.2, 0.2]
+
+[stages.train]
+kind = "train"
+slices = "slice"
+train = "split.train"
+validate = "split.test"
+base = 4
+epochs = 2
+batch-size = 4
+batch-norm = true
+
+[stages.train.sweep]
+learning-rate = [1e-2, 1e-5]
+select = { metric = "val-loss", mode = "min" }
+
+[stages.evaluate]
+kind = "evaluate"
+model = "train.best"
+slices = "slice"
+part = "split.eval"
+
+[stages.report]
+kind = "report"
+inputs = ["train", "evaluate"]
+title = "mini study"
+"#;
+
+fn out_of(p: &Project, file: &str) -> std::path::PathBuf {
+    p.entries()
+        .into_iter()
+        .map(|e| e.join("out"))
+        .find(|o| o.join(file).exists())
+        .unwrap_or_else(|| panic!("no entry with {file}"))
+}
+
+#[test]
+fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
+    let p = Project::new();
+    p.write("p.toml", SWEEP);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        ran(&err),
+        [
+            "evaluate",
+            "load",
+            "report",
+            "slice",
+            "split",
+            "train",
+            "train[learning-rate=1e-2]",
+            "train[learning-rate=1e-5]"
+        ]
+    );
+    let sweep = kpipe::stages::sweep::SweepFile::read(&out_of(&p, "sweep.json")).unwrap();
+    assert_eq!(sweep.arms.len(), 2);
+    assert!(sweep.arms[0].selected && !sweep.arms[1].selected);
+    assert!(
+        sweep.arms[0].best <= sweep.arms[1].best,
+        "ranked by min val-loss: {:?}",
+        sweep.arms.iter().map(|a| a.best).collect::<Vec<_>>()
+    );
+    let md = std::fs::read_to_string(out_of(&p, "comparison.md").join("comparison.md")).unwrap();
+    assert!(md.contains("**selected**"), "{md}");
+    // the selected arm's artifact is `train.best`
+    assert!(
+        out_of(&p, "sweep.json")
+            .join("best/model.safetensors")
+            .exists()
+    );
+
+    // a third arm trains only that arm; the rest is cached or cut off by equal outputs
+    p.write(
+        "p.toml",
+        &SWEEP.replace(
+            "learning-rate = [1e-2, 1e-5]",
+            "learning-rate = [1e-2, 1e-5, 3e-3]",
+        ),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let trained: Vec<String> = ran(&err)
+        .into_iter()
+        .filter(|id| id.starts_with("train["))
+        .collect();
+    assert_eq!(trained, ["train[learning-rate=3e-3]"]);
+    assert!(
+        ran(&err).contains(&"train".to_string()),
+        "the comparison is redone"
+    );
+    // removing an arm retrains nothing
+    p.write(
+        "p.toml",
+        &SWEEP.replace("learning-rate = [1e-2, 1e-5]", "learning-rate = [1e-2]"),
+    );
+    let (_, _, err) = p.run(&["run", "p.toml"]);
+    assert!(
+        ran(&err).iter().all(|id| !id.starts_with("train[")),
+        "{err}"
+    );
+}
+
+#[test]
+fn evaluation_report_metrics_and_verify() {
+    let p = Project::new();
+    p.write("p.toml", SWEEP);
+    assert_eq!(p.run(&["run", "p.toml"]).0, 0);
+    let eval = out_of(&p, "summary.json");
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap()).unwrap();
+    for key in [
+        "study_iou",
+        "study_iou_present",
+        "fg_iou",
+        "class_iou",
+        "class_dice",
+        "kits",
+    ] {
+        assert!(summary.get(key).is_some(), "{key}: {summary}");
+    }
+    let iou = summary["study_iou"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&iou));
+    let per_case = std::fs::read_to_string(eval.join("per_case.csv")).unwrap();
+    assert_eq!(per_case.lines().count(), 2, "one eval case: {per_case}");
+
+    let report = out_of(&p, "report.html");
+    let html = std::fs::read_to_string(report.join("report.html")).unwrap();
+    for needle in [
+        "Validation IoU per epoch",
+        "data:image/png;base64,",
+        "class=\"sel\"",
+        "KiTS19 kidney+tumor Dice",
+        "Provenance",
+        "train[learning-rate=1e-2]",
+    ] {
+        assert!(html.contains(needle), "report lacks {needle}");
+    }
+    for png in ["val_iou.png", "loss.png", "examples.png"] {
+        let bytes = std::fs::read(report.join("figures").join(png)).unwrap();
+        assert_eq!(&bytes[1..4], b"PNG", "{png}");
+    }
+
+    let (code, out, _) = p.run(&["report", "p.toml"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("report.html"), "{out}");
+    let (code, out, _) = p.run(&["metrics", "p.toml", "--json"]);
+    assert_eq!(code, 0);
+    let m: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(m["evaluate"]["study_iou"].is_number(), "{out}");
+    assert_eq!(m["train"]["arms"].as_object().unwrap().len(), 2);
+
+    let (code, out, err) = p.run(&["verify", "p.toml"]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("8 nodes: 8 match, 0 mismatch"), "{out}");
+    // a lock file that disagrees is a mismatch: exit 3
+    let lock_path = p.path().join("p.lock");
+    let mut lock: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&lock_path).unwrap()).unwrap();
+    lock["nodes"]["split"]["output"] = serde_json::json!("0".repeat(64));
+    std::fs::write(&lock_path, serde_json::to_string(&lock).unwrap()).unwrap();
+    let (code, out, _) = p.run(&["verify", "p.toml"]);
+    assert_eq!(code, 3, "{out}");
+    assert!(out.contains("MISMATCH"), "{out}");
+    let (code, out, _) = p.run(&["verify", "--cache"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 corrupt"), "{out}");
+}
