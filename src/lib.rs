@@ -6,6 +6,7 @@
 //! [`cli`].
 
 pub mod backend;
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod config;

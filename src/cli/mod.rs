@@ -125,6 +125,9 @@ enum Command {
         #[arg(short, long)]
         jobs: Option<usize>,
     },
+    /// Measure throughput (medians over repeats); see scripts/ for the Python sides
+    #[command(subcommand)]
+    Bench(BenchCommand),
     /// Print where the pipeline's latest report is
     Report {
         #[command(flatten)]
@@ -136,6 +139,19 @@ enum Command {
         pipeline: PipelineArgs,
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Load + window + resize of one case, one core (the slice stage's work)
+    Slicing {
+        imaging: PathBuf,
+        segmentation: PathBuf,
+        #[arg(long, default_value_t = 256)]
+        size: usize,
+        #[arg(long, default_value_t = 5)]
+        repeat: usize,
     },
 }
 
@@ -490,6 +506,21 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             } else {
                 exit::OK
             })
+        }
+        Command::Bench(BenchCommand::Slicing {
+            imaging,
+            segmentation,
+            size,
+            repeat,
+        }) => {
+            let (secs, slices) =
+                crate::bench::bench_slicing(imaging, segmentation, *size, *repeat)?;
+            writeln!(
+                stdout,
+                "kpipe: median {secs:.3} s over {repeat} runs, {:.0} slices/s ({slices} slices to {size}x{size})",
+                slices as f64 / secs
+            )?;
+            Ok(exit::OK)
         }
         Command::Report { pipeline } => {
             let plan = load(pipeline)?;

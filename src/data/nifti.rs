@@ -123,7 +123,9 @@ pub struct Volume {
     /// nibabel's shape: `dim[1..=dim[0]]`.
     pub shape: Vec<usize>,
     pub big_endian: bool,
+    /// The file's bytes; voxels start at `start` (no copy to drop the header).
     raw: Vec<u8>,
+    start: usize,
 }
 
 const GZIP_MAGIC: [u8; 2] = [0x1f, 0x8b];
@@ -182,10 +184,9 @@ impl Volume {
                 ),
             });
         }
-        let mut raw = data;
-        raw.drain(..offset);
-        raw.truncate(nbytes);
+        let raw = data;
         Ok(Volume {
+            start: offset,
             path: path.into(),
             header,
             datatype,
@@ -193,6 +194,83 @@ impl Volume {
             big_endian,
             raw,
         })
+    }
+
+    /// The voxel bytes, in file order and byte order.
+    fn voxels(&self) -> &[u8] {
+        &self.raw[self.start..self.start + self.len() * self.datatype.size()]
+    }
+
+    /// The 3-D volume as C-order slices shrunk by an integer `factor` in rows and columns
+    /// by block means (what an area filter does at integer factors), `map` applied to
+    /// every value first. One pass over the voxels, no full-size intermediate.
+    pub fn pooled_slices_f32(
+        &self,
+        map: impl Fn(f32) -> f32,
+        factor: usize,
+    ) -> Result<Vec<f32>, NiftiError> {
+        let [n1, n2, n3] = self.shape3()?;
+        if factor == 0 || n2 % factor != 0 || n3 % factor != 0 {
+            return Err(NiftiError::Invalid {
+                path: self.path.clone(),
+                why: format!("{n2}x{n3} slices do not shrink by {factor}"),
+            });
+        }
+        let (m2, m3) = (n2 / factor, n3 / factor);
+        let scaling = self.scaling()?;
+        let (raw, be) = (self.voxels(), self.big_endian);
+        let mut out = vec![0.0f32; n1 * m2 * m3];
+        let weight = 1.0 / (factor * factor) as f32;
+        // one column of slices at a time: decode it (a typed, vectorisable loop), then
+        // spread it over the output slices
+        let mut column = vec![0.0f32; n1];
+        macro_rules! go {
+            ($t:ty) => {{
+                const N: usize = std::mem::size_of::<$t>();
+                for j in 0..n2 {
+                    let row = (j / factor) * m3;
+                    for l in 0..n3 {
+                        let src = (n1 * j + n1 * n2 * l) * N;
+                        let bytes = raw[src..src + n1 * N].chunks_exact(N);
+                        let decode = |b: &[u8]| {
+                            let b: [u8; N] = b.try_into().expect("chunk size");
+                            if be {
+                                <$t>::from_be_bytes(b)
+                            } else {
+                                <$t>::from_le_bytes(b)
+                            }
+                        };
+                        match scaling {
+                            None => column
+                                .iter_mut()
+                                .zip(bytes)
+                                .for_each(|(c, b)| *c = decode(b) as f32),
+                            Some((s, o)) => column
+                                .iter_mut()
+                                .zip(bytes)
+                                .for_each(|(c, b)| *c = (decode(b) as f64 * s + o) as f32),
+                        }
+                        let col = row + l / factor;
+                        for (k, &v) in column.iter().enumerate() {
+                            out[k * m2 * m3 + col] += map(v) * weight;
+                        }
+                    }
+                }
+            }};
+        }
+        match self.datatype {
+            Datatype::U8 => go!(u8),
+            Datatype::I8 => go!(i8),
+            Datatype::I16 => go!(i16),
+            Datatype::U16 => go!(u16),
+            Datatype::I32 => go!(i32),
+            Datatype::U32 => go!(u32),
+            Datatype::I64 => go!(i64),
+            Datatype::U64 => go!(u64),
+            Datatype::F32 => go!(f32),
+            Datatype::F64 => go!(f64),
+        }
+        Ok(out)
     }
 
     /// nibabel's effective (slope, intercept), `None` when no scaling applies.
@@ -241,7 +319,7 @@ impl Volume {
         macro_rules! each {
             ($t:ty) => {{
                 const N: usize = std::mem::size_of::<$t>();
-                for (i, c) in self.raw.chunks_exact(N).enumerate() {
+                for (i, c) in self.voxels().chunks_exact(N).enumerate() {
                     let b: [u8; N] = c.try_into().expect("chunk size");
                     let v = if self.big_endian {
                         <$t>::from_be_bytes(b)
@@ -292,6 +370,9 @@ impl Volume {
     /// volumes holding integers). Values outside go to `bad` (value, count).
     pub fn to_labels(&self) -> Result<(Vec<u8>, OutsideLabels), NiftiError> {
         let scaling = self.scaling()?;
+        if self.datatype == Datatype::U8 && scaling.is_none() {
+            return Ok((self.voxels().to_vec(), vec![])); // every byte is a label already
+        }
         let mut out = vec![0u8; self.len()];
         let mut bad: std::collections::BTreeMap<u64, u64> = Default::default();
         self.for_each_raw(|i, v| {
@@ -312,10 +393,41 @@ impl Volume {
 
     /// The 3-D volume as C-order slices along its first axis (the KiTS19 slice axis):
     /// `out[k][j][l] = v[k, j, l]`, with `map` applied to every value.
+    /// Decoding, scaling and `map` happen inside the blocked transpose: one pass, no
+    /// intermediate volume.
     pub fn to_slices_f32(&self, map: impl Fn(f32) -> f32) -> Result<Vec<f32>, NiftiError> {
-        let [n1, n2, n3] = self.shape3()?;
-        let values = self.to_f32()?;
-        Ok(transpose_fortran_to_c(&values, [n1, n2, n3], map))
+        let dims = self.shape3()?;
+        let scaling = self.scaling()?;
+        let (raw, be) = (self.voxels(), self.big_endian);
+        macro_rules! go {
+            ($t:ty) => {{
+                const N: usize = std::mem::size_of::<$t>();
+                let value = |i: usize| -> f64 {
+                    let b: [u8; N] = raw[i * N..i * N + N].try_into().expect("chunk size");
+                    (if be {
+                        <$t>::from_be_bytes(b)
+                    } else {
+                        <$t>::from_le_bytes(b)
+                    }) as f64
+                };
+                match scaling {
+                    None => transpose_indexed(dims, |i| map(value(i) as f32)),
+                    Some((s, b)) => transpose_indexed(dims, |i| map((value(i) * s + b) as f32)),
+                }
+            }};
+        }
+        Ok(match self.datatype {
+            Datatype::U8 => go!(u8),
+            Datatype::I8 => go!(i8),
+            Datatype::I16 => go!(i16),
+            Datatype::U16 => go!(u16),
+            Datatype::I32 => go!(i32),
+            Datatype::U32 => go!(u32),
+            Datatype::I64 => go!(i64),
+            Datatype::U64 => go!(u64),
+            Datatype::F32 => go!(f32),
+            Datatype::F64 => go!(f64),
+        })
     }
 
     /// The affine nibabel picks: sform if sform_code > 0, else qform if qform_code > 0,
@@ -573,8 +685,18 @@ fn needed_bytes(prefix: &[u8]) -> Option<usize> {
 /// `out[(k * n2 + j) * n3 + l] = map(values[k + n1 * (j + n2 * l)])`.
 pub fn transpose_fortran_to_c<T: Copy, U: Copy + Default>(
     values: &[T],
-    [n1, n2, n3]: [usize; 3],
+    dims: [usize; 3],
     map: impl Fn(T) -> U,
+) -> Vec<U> {
+    transpose_indexed(dims, |i| map(values[i]))
+}
+
+/// The blocked transpose behind [`transpose_fortran_to_c`]: `value(i)` gives the element
+/// at Fortran-order index `i`.
+#[inline]
+pub fn transpose_indexed<U: Copy + Default>(
+    [n1, n2, n3]: [usize; 3],
+    value: impl Fn(usize) -> U,
 ) -> Vec<U> {
     let mut out = vec![U::default(); n1 * n2 * n3];
     const B: usize = 32;
@@ -584,7 +706,7 @@ pub fn transpose_fortran_to_c<T: Copy, U: Copy + Default>(
                 for l in l0..(l0 + B).min(n3) {
                     let src = n1 * j + n1 * n2 * l;
                     for k in k0..(k0 + B).min(n1) {
-                        out[(k * n2 + j) * n3 + l] = map(values[src + k]);
+                        out[(k * n2 + j) * n3 + l] = value(src + k);
                     }
                 }
             }

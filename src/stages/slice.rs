@@ -26,9 +26,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::data::kits::CaseTable;
-use crate::data::nifti::{Volume, transpose_fortran_to_c};
-use crate::data::resample::{Filter, pad_square, resize, resize_nearest};
-use crate::data::slices::{NonSquare, Normalization, SliceMeta, SlicedCase};
+use crate::data::nifti::Volume;
+use crate::data::resample::Filter;
+use crate::data::slices::{NonSquare, Normalization, SliceMeta, SlicedCase, prepare_case};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -196,25 +196,15 @@ impl Slice {
         let img = Volume::read(&CaseTable::resolve(input, &case.imaging)).map_err(boxed)?;
         let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation)).map_err(boxed)?;
         let shape = img.shape3().map_err(boxed)?;
-        if seg.shape3().map_err(boxed)? != shape {
-            return Err(StageError::Failed(format!(
-                "{}: imaging and segmentation shapes differ",
-                case.id
-            )));
-        }
-        let [d, h, w] = shape;
-        let (labels, _) = seg.to_labels().map_err(boxed)?;
-        let labels = transpose_fortran_to_c(&labels, shape, |l| if l <= 2 { l } else { 0 });
-        let image = img.to_slices_f32(|v| norm.apply(v)).map_err(boxed)?;
-        let fill = norm.apply(self.window[0] as f32);
-        let s = self.size;
-        let c = 2 * self.context + 1;
-        let plane = h * w;
+        let p = prepare_case(&img, &seg, norm, self.size, self.resize, self.non_square)
+            .map_err(boxed)?;
+        drop((img, seg));
+        let (d, s, c) = (p.depth, self.size, 2 * self.context + 1);
+        let plane = s * s;
         let mut kept = Vec::new();
         let mut lines = Vec::new();
         for k in 0..d {
-            let lab = &labels[k * plane..(k + 1) * plane];
-            let (kidney, tumor) = (lab.contains(&1), lab.contains(&2));
+            let (kidney, tumor) = (p.kidney[k], p.tumor[k]);
             if !(kidney || tumor)
                 && self.keep_empty < 1.0
                 && unit_draw(ctx.seed, &case.id, k) >= self.keep_empty
@@ -230,24 +220,14 @@ impl Slice {
             ));
             kept.push(k);
         }
-        let mut images = Vec::with_capacity(kept.len() * c * s * s);
-        let mut label_out = Vec::with_capacity(kept.len() * s * s);
+        let mut images = Vec::with_capacity(kept.len() * c * plane);
+        let mut label_out = Vec::with_capacity(kept.len() * plane);
         for &k in &kept {
             for off in 0..c {
                 let kk = (k + off).saturating_sub(self.context).min(d - 1);
-                images.extend(self.square(
-                    &image[kk * plane..(kk + 1) * plane],
-                    (h, w),
-                    fill,
-                    |p, hw, n| resize(p, hw, (n, n), self.resize),
-                ));
+                images.extend_from_slice(&p.images[kk * plane..(kk + 1) * plane]);
             }
-            label_out.extend(self.square(
-                &labels[k * plane..(k + 1) * plane],
-                (h, w),
-                0u8,
-                |p, hw, n| resize_nearest(p, hw, (n, n)),
-            ));
+            label_out.extend_from_slice(&p.labels[k * plane..(k + 1) * plane]);
         }
         let dir = ctx.out.join("cases").join(&case.id);
         std::fs::create_dir_all(&dir).map_err(StageError::io("create", &dir))?;
@@ -266,26 +246,6 @@ impl Slice {
             has_tumor: case.has_tumor(),
         };
         Ok((sliced, lines))
-    }
-
-    /// Makes a `[h][w]` plane square by the stated policy and resizes it to `size`.
-    fn square<T: Copy>(
-        &self,
-        plane: &[T],
-        (h, w): (usize, usize),
-        fill: T,
-        resize: impl Fn(&[T], (usize, usize), usize) -> Vec<T>,
-    ) -> Vec<T> {
-        if h == w {
-            return resize(plane, (h, w), self.size);
-        }
-        match self.non_square {
-            NonSquare::Pad => {
-                let (padded, n, _) = pad_square(plane, (h, w), fill);
-                resize(&padded, (n, n), self.size)
-            }
-            NonSquare::Stretch => resize(plane, (h, w), self.size),
-        }
     }
 }
 
