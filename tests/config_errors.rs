@@ -93,3 +93,20 @@ fn a_missing_pipeline_file_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn shipped_pipelines_plan_with_their_synthetic_profile() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut n = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let out = plan(&path, &["--profile", "synthetic", "--format", "json"]);
+            assert_eq!(out.status.code(), Some(0), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert!(v["nodes"].as_array().unwrap().len() >= 3, "{}", path.display());
+            n += 1;
+        }
+    }
+    assert!(n >= 3, "the study's pipelines are there");
+}
