@@ -52,3 +52,49 @@ pub fn bench_slicing(
     }
     Ok((median(times), slices))
 }
+
+/// Training or inference throughput of a U-Net (two 3x3 convs + BN + ReLU per level, the
+/// PyTorch reference's network) on random data: median slices per second over `steps`
+/// steps after one warm-up step.
+pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: usize) -> f64 {
+    use burn::optim::GradientsParams;
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    use crate::models::{ModelConfig, ModelKind};
+    use crate::train::loss::{Loss, LossKind};
+
+    let config = ModelConfig { kind: ModelKind::Unet, in_channels: 1, base, batch_norm: true, up_kernel: 2, freeze_encoder: false };
+    let loss = Loss { kind: LossKind::CrossEntropy, weights: [1.0, 1.0], class_weights: None };
+    let labels: Vec<u8> = (0..batch * size * size).map(|i| (i % 3) as u8).collect();
+    let mut times = Vec::new();
+    if train {
+        let device = Device::flex().autodiff();
+        device.seed(1);
+        let mut model = config.init(&device);
+        let mut optim = crate::train::adam([0.9, 0.999], 1e-7, 0.0).init();
+        for i in 0..=steps {
+            let x = Tensor::<4>::random([batch, 1, size, size], Distribution::Default, &device);
+            let t = Instant::now();
+            let l = loss.forward(model.forward(x), &labels);
+            let _ = l.clone().into_scalar::<f32>();
+            let grads = GradientsParams::from_grads(l.backward(), &model);
+            model = optim.step(1e-4, model, grads);
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+    } else {
+        let device = Device::flex();
+        device.seed(1);
+        let model = config.init(&device);
+        for i in 0..=steps {
+            let x = Tensor::<4>::random([batch, 1, size, size], Distribution::Default, &device);
+            let t = Instant::now();
+            let _ = crate::train::predict_labels(model.forward(x));
+            if i > 0 {
+                times.push(t.elapsed().as_secs_f64());
+            }
+        }
+    }
+    batch as f64 / median(times)
+}

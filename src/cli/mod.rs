@@ -153,6 +153,25 @@ enum BenchCommand {
         #[arg(long, default_value_t = 5)]
         repeat: usize,
     },
+    /// U-Net training steps (forward, backward, Adam) on random data
+    Train(NetBench),
+    /// U-Net inference (forward and argmax) on random data
+    Infer(NetBench),
+}
+
+#[derive(Args, Debug)]
+struct NetBench {
+    #[arg(long, default_value_t = 128)]
+    size: usize,
+    #[arg(long, default_value_t = 16)]
+    base: usize,
+    #[arg(long, default_value_t = 8)]
+    batch: usize,
+    /// Threads of the CPU backend's pool
+    #[arg(long, default_value_t = 1)]
+    threads: usize,
+    #[arg(long, default_value_t = 5)]
+    steps: usize,
 }
 
 #[derive(Args, Debug)]
@@ -520,6 +539,14 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                 "kpipe: median {secs:.3} s over {repeat} runs, {:.0} slices/s ({slices} slices to {size}x{size})",
                 slices as f64 / secs
             )?;
+            Ok(exit::OK)
+        }
+        Command::Bench(BenchCommand::Train(b)) | Command::Bench(BenchCommand::Infer(b)) => {
+            let train = matches!(cli.command, Command::Bench(BenchCommand::Train(_)));
+            let _ = rayon::ThreadPoolBuilder::new().num_threads(b.threads.max(1)).build_global();
+            let rate = crate::bench::bench_unet(train, b.size, b.base, b.batch, b.steps.max(1));
+            let what = if train { "train" } else { "infer" };
+            writeln!(stdout, "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {} thread(s), median of {} steps)", b.base, b.size, b.size, b.batch, b.threads, b.steps)?;
             Ok(exit::OK)
         }
         Command::Report { pipeline } => {
