@@ -63,8 +63,19 @@ pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: us
     use crate::models::{ModelConfig, ModelKind};
     use crate::train::loss::{Loss, LossKind};
 
-    let config = ModelConfig { kind: ModelKind::Unet, in_channels: 1, base, batch_norm: true, up_kernel: 2, freeze_encoder: false };
-    let loss = Loss { kind: LossKind::CrossEntropy, weights: [1.0, 1.0], class_weights: None };
+    let config = ModelConfig {
+        kind: ModelKind::Unet,
+        in_channels: 1,
+        base,
+        batch_norm: true,
+        up_kernel: 2,
+        freeze_encoder: false,
+    };
+    let loss = Loss {
+        kind: LossKind::CrossEntropy,
+        weights: [1.0, 1.0],
+        class_weights: None,
+    };
     let labels: Vec<u8> = (0..batch * size * size).map(|i| (i % 3) as u8).collect();
     let mut times = Vec::new();
     if train {

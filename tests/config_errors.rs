@@ -102,9 +102,19 @@ fn shipped_pipelines_plan_with_their_synthetic_profile() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
             let out = plan(&path, &["--profile", "synthetic", "--format", "json"]);
-            assert_eq!(out.status.code(), Some(0), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+            assert_eq!(
+                out.status.code(),
+                Some(0),
+                "{}: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
             let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            assert!(v["nodes"].as_array().unwrap().len() >= 3, "{}", path.display());
+            assert!(
+                v["nodes"].as_array().unwrap().len() >= 3,
+                "{}",
+                path.display()
+            );
             n += 1;
         }
     }

@@ -128,6 +128,25 @@ enum Command {
     /// Measure throughput (medians over repeats); see scripts/ for the Python sides
     #[command(subcommand)]
     Bench(BenchCommand),
+    /// The official KiTS19 evaluation of two label volumes (or two folders of cases)
+    #[command(after_help = EXIT_CODES)]
+    Score {
+        #[arg(long, required_unless_present = "truth_dir")]
+        truth: Option<PathBuf>,
+        #[arg(long, required_unless_present = "pred_dir")]
+        pred: Option<PathBuf>,
+        /// A KiTS19 folder of `case_XXXXX/segmentation.nii.gz`
+        #[arg(long, requires = "pred_dir", conflicts_with = "truth")]
+        truth_dir: Option<PathBuf>,
+        /// Predictions as `case_XXXXX.nii.gz` or `case_XXXXX/prediction.nii.gz`
+        #[arg(long, conflicts_with = "pred")]
+        pred_dir: Option<PathBuf>,
+        /// Labels above 2: `starter` (tumor, as the official code) or `rules` (background)
+        #[arg(long, value_enum, default_value_t = crate::metrics::kits::LabelPolicy::Starter)]
+        label_policy: crate::metrics::kits::LabelPolicy,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print where the pipeline's latest report is
     Report {
         #[command(flatten)]
@@ -543,10 +562,67 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
         }
         Command::Bench(BenchCommand::Train(b)) | Command::Bench(BenchCommand::Infer(b)) => {
             let train = matches!(cli.command, Command::Bench(BenchCommand::Train(_)));
-            let _ = rayon::ThreadPoolBuilder::new().num_threads(b.threads.max(1)).build_global();
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(b.threads.max(1))
+                .build_global();
             let rate = crate::bench::bench_unet(train, b.size, b.base, b.batch, b.steps.max(1));
             let what = if train { "train" } else { "infer" };
-            writeln!(stdout, "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {} thread(s), median of {} steps)", b.base, b.size, b.size, b.batch, b.threads, b.steps)?;
+            writeln!(
+                stdout,
+                "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {} thread(s), median of {} steps)",
+                b.base, b.size, b.size, b.batch, b.threads, b.steps
+            )?;
+            Ok(exit::OK)
+        }
+        Command::Score {
+            truth,
+            pred,
+            truth_dir,
+            pred_dir,
+            label_policy,
+            json,
+        } => {
+            let pairs: Vec<(String, PathBuf, PathBuf)> = match (truth, pred, truth_dir, pred_dir) {
+                (Some(t), Some(p), _, _) => vec![(t.display().to_string(), t.clone(), p.clone())],
+                (_, _, Some(td), Some(pd)) => score_pairs(td, pd)?,
+                _ => {
+                    return Err(CliError::Usage(
+                        "give --truth and --pred, or --truth-dir and --pred-dir".into(),
+                    ));
+                }
+            };
+            let mut results = serde_json::Map::new();
+            let (mut kt, mut tu) = (Vec::new(), Vec::new());
+            for (name, t, p) in &pairs {
+                let s = crate::metrics::kits::score_files(t, p, *label_policy).map_err(
+                    |e| match e {
+                        crate::metrics::kits::ScoreError::Nifti(n) => CliError::Nifti(n),
+                        other => CliError::Usage(format!("{name}: {other}")),
+                    },
+                )?;
+                kt.push(s.kidney_tumor_dice);
+                tu.push(s.tumor_dice);
+                results.insert(name.clone(), serde_json::to_value(&s).unwrap_or_default());
+            }
+            let mean = |v: &[f64]| crate::stages::evaluate::nan_mean(v.iter().copied());
+            let out = if pairs.len() == 1 {
+                results
+                    .into_iter()
+                    .next()
+                    .map(|(_, v)| v)
+                    .unwrap_or_default()
+            } else {
+                serde_json::json!({"cases": results, "kidney_tumor_dice": mean(&kt), "tumor_dice": mean(&tu), "score": mean(&[mean(&kt), mean(&tu)])})
+            };
+            if *json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::to_string_pretty(&out).unwrap_or_default()
+                )?;
+            } else {
+                print_flat(&mut stdout, "", &out)?;
+            }
             Ok(exit::OK)
         }
         Command::Report { pipeline } => {
@@ -623,6 +699,49 @@ fn latest_outputs(plan: &Plan, cache: &Cache, kind: &str) -> Vec<(String, PathBu
         .filter(|(_, r)| r.kind == kind)
         .filter_map(|(id, r)| cache.peek(&r.key).map(|e| (id.clone(), e.out())))
         .collect()
+}
+
+/// (case, truth, prediction) of every case of a truth folder with a prediction.
+fn score_pairs(
+    truth_dir: &Path,
+    pred_dir: &Path,
+) -> Result<Vec<(String, PathBuf, PathBuf)>, CliError> {
+    let mut out = Vec::new();
+    let rd = std::fs::read_dir(truth_dir)
+        .map_err(|e| CliError::Usage(format!("cannot read `{}`: {e}", truth_dir.display())))?;
+    let mut cases: Vec<String> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().map(str::to_string))
+        .filter(|n| n.starts_with("case_"))
+        .collect();
+    cases.sort();
+    for case in cases {
+        let truth = truth_dir.join(&case).join("segmentation.nii.gz");
+        let pred = [
+            pred_dir.join(format!("{case}.nii.gz")),
+            pred_dir.join(&case).join("prediction.nii.gz"),
+            pred_dir.join(&case).join("segmentation.nii.gz"),
+        ]
+        .into_iter()
+        .find(|p| p.exists());
+        match (truth.exists(), pred) {
+            (true, Some(p)) => out.push((case, truth, p)),
+            (true, None) => {
+                return Err(CliError::Usage(format!(
+                    "no prediction for `{case}` in `{}`",
+                    pred_dir.display()
+                )));
+            }
+            _ => {}
+        }
+    }
+    if out.is_empty() {
+        return Err(CliError::Usage(format!(
+            "no cases with a segmentation in `{}`",
+            truth_dir.display()
+        )));
+    }
+    Ok(out)
 }
 
 fn print_flat(out: &mut impl Write, indent: &str, v: &serde_json::Value) -> std::io::Result<()> {

@@ -8,6 +8,8 @@
 //! - Honest companions: the same over slices whose truth shows kidney or tumor only, and
 //!   per-class IoU and Dice pooled over all pixels.
 
+pub mod kits;
+
 use serde::Serialize;
 
 pub const CLASSES: usize = 3;
