@@ -32,7 +32,7 @@ pub fn slice_case(imaging: &Path, segmentation: &Path, size: usize) -> Result<us
         lo: -79.0,
         hi: 304.0,
     };
-    let p = prepare_case(&img, &seg, norm, size, Filter::Area, NonSquare::Pad)?;
+    let p = prepare_case(&img, Some(&seg), norm, size, Filter::Area, NonSquare::Pad)?;
     Ok(p.depth)
 }
 

@@ -16,6 +16,7 @@ pub mod figures;
 pub mod graph;
 pub mod metrics;
 pub mod models;
+pub mod predict;
 pub mod stages;
 pub mod train;
 pub mod verify;

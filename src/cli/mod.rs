@@ -147,6 +147,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Segment NIfTI volumes (files, or KiTS19 folders) with a trained model
+    Predict {
+        /// A train artifact: a directory with model.json and model.safetensors
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output file (one input) or folder
+        #[arg(short, long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch_size: usize,
+        #[arg(long, value_enum, default_value = "cpu")]
+        backend: BackendArg,
+    },
     /// Print where the pipeline's latest report is
     Report {
         #[command(flatten)]
@@ -209,6 +224,12 @@ struct PipelineArgs {
 enum TextOrJson {
     Text,
     Json,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum BackendArg {
+    Cpu,
+    Gpu,
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -625,6 +646,39 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
             Ok(exit::OK)
         }
+        Command::Predict {
+            model,
+            inputs,
+            out,
+            batch_size,
+            backend,
+        } => {
+            let kind = match backend {
+                BackendArg::Cpu => crate::backend::BackendKind::Cpu,
+                BackendArg::Gpu => crate::backend::BackendKind::Gpu,
+            };
+            let device = crate::backend::device(kind, 0).map_err(CliError::Usage)?;
+            let (net, file) = crate::train::load_network(model, &device)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let pairs = crate::predict::plan_outputs(inputs, out)
+                .map_err(|e| CliError::Usage(e.to_string()))?;
+            let bar = indicatif::ProgressBar::new(pairs.len() as u64);
+            if cli.no_progress || !std::io::stderr().is_terminal() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+            }
+            for (input, output) in &pairs {
+                bar.set_message(input.display().to_string());
+                crate::predict::predict_volume(&net, &file, &device, input, output, *batch_size)
+                    .map_err(|e| match e {
+                        crate::predict::PredictError::Nifti(n) => CliError::Nifti(n),
+                        other => CliError::Usage(other.to_string()),
+                    })?;
+                bar.inc(1);
+                writeln!(stdout, "{} -> {}", input.display(), output.display())?;
+            }
+            bar.finish_and_clear();
+            Ok(exit::OK)
+        }
         Command::Report { pipeline } => {
             let plan = load(pipeline)?;
             let cache = Cache::open(&cli.cache_dir)?;
@@ -718,6 +772,7 @@ fn score_pairs(
     for case in cases {
         let truth = truth_dir.join(&case).join("segmentation.nii.gz");
         let pred = [
+            pred_dir.join(format!("{}.nii.gz", case.replace("case_", "prediction_"))),
             pred_dir.join(format!("{case}.nii.gz")),
             pred_dir.join(&case).join("prediction.nii.gz"),
             pred_dir.join(&case).join("segmentation.nii.gz"),

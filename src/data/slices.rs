@@ -187,7 +187,7 @@ pub struct PreparedCase {
 /// means straight from the voxel bytes), equal to the general path up to float rounding.
 pub fn prepare_case(
     img: &super::nifti::Volume,
-    seg: &super::nifti::Volume,
+    seg: Option<&super::nifti::Volume>,
     norm: Normalization,
     size: usize,
     filter: super::resample::Filter,
@@ -197,13 +197,17 @@ pub fn prepare_case(
     use super::resample::{Filter, pad_square, resize, resize_nearest};
     let shape = img.shape3()?;
     let [d, h, w] = shape;
-    if seg.shape3()? != shape {
-        return Err(super::nifti::NiftiError::Invalid {
-            path: seg.path.clone(),
-            why: format!("shape {:?} differs from the imaging's {shape:?}", seg.shape),
-        });
-    }
-    let (labels, _) = seg.to_labels()?;
+    let labels = match seg {
+        Some(seg) if seg.shape3()? != shape => {
+            return Err(super::nifti::NiftiError::Invalid {
+                path: seg.path.clone(),
+                why: format!("shape {:?} differs from the imaging's {shape:?}", seg.shape),
+            });
+        }
+        Some(seg) => seg.to_labels()?.0,
+        // no segmentation (prediction): all background
+        None => vec![0u8; d * h * w],
+    };
     // bit 0: kidney, bit 1: tumor, per slice (a vectorisable pass over the labels)
     let mut present = vec![0u8; d];
     for column in labels.chunks_exact(d) {

@@ -196,8 +196,15 @@ impl Slice {
         let img = Volume::read(&CaseTable::resolve(input, &case.imaging)).map_err(boxed)?;
         let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation)).map_err(boxed)?;
         let shape = img.shape3().map_err(boxed)?;
-        let p = prepare_case(&img, &seg, norm, self.size, self.resize, self.non_square)
-            .map_err(boxed)?;
+        let p = prepare_case(
+            &img,
+            Some(&seg),
+            norm,
+            self.size,
+            self.resize,
+            self.non_square,
+        )
+        .map_err(boxed)?;
         drop((img, seg));
         let (d, s, c) = (p.depth, self.size, 2 * self.context + 1);
         let plane = s * s;

@@ -278,6 +278,20 @@ pub fn canonical_safetensors(path: &Path) -> std::io::Result<()> {
     crate::cache::write_atomic(path, &out)
 }
 
+/// A batch of `n` images `[n, channels, size, size]` as a tensor on `device`.
+pub fn images_tensor_sized(
+    images: &[f32],
+    n: usize,
+    channels: usize,
+    size: usize,
+    device: &Device,
+) -> Tensor<4> {
+    Tensor::<4>::from_data(
+        TensorData::new(images.to_vec(), [n, channels, size, size]),
+        device,
+    )
+}
+
 pub fn images_tensor(store: &SliceStore, images: &[f32], n: usize, device: &Device) -> Tensor<4> {
     let (c, s) = (store.meta.channels, store.meta.size);
     Tensor::<4>::from_data(TensorData::new(images.to_vec(), [n, c, s, s]), device)
