@@ -35,6 +35,24 @@ pub enum NiftiError {
     Invalid { path: PathBuf, why: String },
 }
 
+/// Runs the macro `$go` with the Rust type of a [`Datatype`].
+macro_rules! by_datatype {
+    ($dt:expr, $go:ident) => {
+        match $dt {
+            Datatype::U8 => $go!(u8),
+            Datatype::I8 => $go!(i8),
+            Datatype::I16 => $go!(i16),
+            Datatype::U16 => $go!(u16),
+            Datatype::I32 => $go!(i32),
+            Datatype::U32 => $go!(u32),
+            Datatype::I64 => $go!(i64),
+            Datatype::U64 => $go!(u64),
+            Datatype::F32 => $go!(f32),
+            Datatype::F64 => $go!(f64),
+        }
+    };
+}
+
 /// Voxel types of NIfTI-1 that kpipe reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Datatype {
@@ -258,18 +276,7 @@ impl Volume {
                 }
             }};
         }
-        match self.datatype {
-            Datatype::U8 => go!(u8),
-            Datatype::I8 => go!(i8),
-            Datatype::I16 => go!(i16),
-            Datatype::U16 => go!(u16),
-            Datatype::I32 => go!(i32),
-            Datatype::U32 => go!(u32),
-            Datatype::I64 => go!(i64),
-            Datatype::U64 => go!(u64),
-            Datatype::F32 => go!(f32),
-            Datatype::F64 => go!(f64),
-        }
+        by_datatype!(self.datatype, go);
         Ok(out)
     }
 
@@ -330,18 +337,7 @@ impl Volume {
                 }
             }};
         }
-        match self.datatype {
-            Datatype::U8 => each!(u8),
-            Datatype::I8 => each!(i8),
-            Datatype::I16 => each!(i16),
-            Datatype::U16 => each!(u16),
-            Datatype::I32 => each!(i32),
-            Datatype::U32 => each!(u32),
-            Datatype::I64 => each!(i64),
-            Datatype::U64 => each!(u64),
-            Datatype::F32 => each!(f32),
-            Datatype::F64 => each!(f64),
-        }
+        by_datatype!(self.datatype, each)
     }
 
     /// The values nibabel's `get_fdata()` returns, in file (Fortran) order.
@@ -416,18 +412,7 @@ impl Volume {
                 }
             }};
         }
-        Ok(match self.datatype {
-            Datatype::U8 => go!(u8),
-            Datatype::I8 => go!(i8),
-            Datatype::I16 => go!(i16),
-            Datatype::U16 => go!(u16),
-            Datatype::I32 => go!(i32),
-            Datatype::U32 => go!(u32),
-            Datatype::I64 => go!(i64),
-            Datatype::U64 => go!(u64),
-            Datatype::F32 => go!(f32),
-            Datatype::F64 => go!(f64),
-        })
+        Ok(by_datatype!(self.datatype, go))
     }
 
     /// The affine nibabel picks: sform if sform_code > 0, else qform if qform_code > 0,

@@ -138,7 +138,7 @@ impl Stage for Evaluate {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
-        let store = SliceStore::open(ctx.input(&self.slices)?).map_err(boxed)?;
+        let store = SliceStore::open(ctx.input(&self.slices)?).map_err(StageError::other)?;
         let split = super::split::SplitFile::read(ctx.input(&self.part)?)?;
         let port = self.part.port().unwrap_or("eval");
         let cases = split
@@ -146,7 +146,8 @@ impl Stage for Evaluate {
             .ok_or_else(|| StageError::Failed(format!("`{}` is not a split part", self.part)))?
             .to_vec();
         let device = backend::device(self.backend, 0).map_err(StageError::Failed)?;
-        let (net, file) = load_network(&ctx.input_dir(&self.model)?, &device).map_err(boxed)?;
+        let (net, file) =
+            load_network(&ctx.input_dir(&self.model)?, &device).map_err(StageError::other)?;
         check_compatible(&file, &store)?;
         let plane = store.meta.size * store.meta.size;
         let mut scores = SliceScores::default();
@@ -157,14 +158,14 @@ impl Stage for Evaluate {
             let ids = slices_of(&store, std::slice::from_ref(case)).map_err(StageError::Failed)?;
             let (mut kt, mut tu) = ([0u64; 3], [0u64; 3]);
             for chunk in ids.chunks(self.batch_size) {
-                let data = batch(&store, chunk, None).map_err(boxed)?;
+                let data = batch(&store, chunk, None).map_err(StageError::other)?;
                 let pred = predict_labels(net.forward(crate::train::images_tensor(
                     &store,
                     &data.images,
                     data.len,
                     &device,
                 )))
-                .map_err(boxed)?;
+                .map_err(StageError::other)?;
                 for (k, (t, p)) in data
                     .labels
                     .chunks(plane)
@@ -296,9 +297,9 @@ fn write_examples(dir: &std::path::Path, size: usize, ex: &[Example]) -> Result<
             .zip(&e.pred)
             .for_each(|(d, v)| *d = *v);
     }
-    ndarray_npy::write_npy(dir.join("image.npy"), &img).map_err(boxed)?;
-    ndarray_npy::write_npy(dir.join("truth.npy"), &truth).map_err(boxed)?;
-    ndarray_npy::write_npy(dir.join("pred.npy"), &pred).map_err(boxed)?;
+    ndarray_npy::write_npy(dir.join("image.npy"), &img).map_err(StageError::other)?;
+    ndarray_npy::write_npy(dir.join("truth.npy"), &truth).map_err(StageError::other)?;
+    ndarray_npy::write_npy(dir.join("pred.npy"), &pred).map_err(StageError::other)?;
     let index: Vec<serde_json::Value> = ex
         .iter()
         .map(|e| serde_json::json!({"case": e.case, "row": e.row, "foreground": e.foreground}))
@@ -313,8 +314,4 @@ fn write_examples(dir: &std::path::Path, size: usize, ex: &[Example]) -> Result<
 
 fn write(path: &std::path::Path, bytes: &[u8]) -> Result<(), StageError> {
     std::fs::write(path, bytes).map_err(StageError::io("write", path))
-}
-
-fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
-    StageError::Other(Box::new(e))
 }

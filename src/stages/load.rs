@@ -133,7 +133,7 @@ impl Stage for Load {
                 phantom::write_dataset(&root, &spec, &|n| {
                     ctx.report(n as u64, total, "generating phantoms")
                 })
-                .map_err(boxed)?;
+                .map_err(StageError::other)?;
                 (root, "synthetic")
             }
             Source::Kits19 => {
@@ -149,7 +149,7 @@ impl Stage for Load {
             }
         };
         ctx.report(0, 1, "checking cases");
-        let mut cases = kits::scan(&root, self.label_policy, &warn).map_err(boxed)?;
+        let mut cases = kits::scan(&root, self.label_policy, &warn).map_err(StageError::other)?;
         if let Some(limit) = self.limit {
             cases.truncate(limit);
         }
@@ -175,10 +175,6 @@ impl Stage for Load {
         tracing::info!(cases = table.cases.len(), "loaded");
         Ok(())
     }
-}
-
-fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
-    StageError::Other(Box::new(e))
 }
 
 /// Size and modification time of every file of every case folder, and of `kits.json`.

@@ -100,6 +100,11 @@ pub enum StageError {
 }
 
 impl StageError {
+    /// Any error of a lower layer (NIfTI, the slice store, training), kept as the cause.
+    pub fn other(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
+        StageError::Other(Box::new(e))
+    }
+
     pub fn io(
         action: &'static str,
         path: impl Into<PathBuf>,

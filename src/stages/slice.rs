@@ -123,7 +123,7 @@ impl Stage for Slice {
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let input = ctx.input(&self.input)?;
-        let table = CaseTable::read(input).map_err(boxed)?;
+        let table = CaseTable::read(input).map_err(StageError::other)?;
         let [lo, hi] = self.window;
         let normalization = match (self.normalize, self.mean, self.std) {
             (Normalize::Unit, _, _) => Normalization::Unit { lo, hi },
@@ -193,9 +193,11 @@ impl Slice {
         case: &crate::data::kits::CaseRecord,
         norm: Normalization,
     ) -> Result<(SlicedCase, Vec<String>), StageError> {
-        let img = Volume::read(&CaseTable::resolve(input, &case.imaging)).map_err(boxed)?;
-        let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation)).map_err(boxed)?;
-        let shape = img.shape3().map_err(boxed)?;
+        let img =
+            Volume::read(&CaseTable::resolve(input, &case.imaging)).map_err(StageError::other)?;
+        let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation))
+            .map_err(StageError::other)?;
+        let shape = img.shape3().map_err(StageError::other)?;
         let p = prepare_case(
             &img,
             Some(&seg),
@@ -204,7 +206,7 @@ impl Slice {
             self.resize,
             self.non_square,
         )
-        .map_err(boxed)?;
+        .map_err(StageError::other)?;
         drop((img, seg));
         let (d, s, c) = (p.depth, self.size, 2 * self.context + 1);
         let plane = s * s;
@@ -243,8 +245,8 @@ impl Slice {
             .map_err(|e| StageError::Failed(e.to_string()))?;
         let label_out = Array3::from_shape_vec((n, s, s), label_out)
             .map_err(|e| StageError::Failed(e.to_string()))?;
-        ndarray_npy::write_npy(dir.join("image.npy"), &images).map_err(boxed)?;
-        ndarray_npy::write_npy(dir.join("labels.npy"), &label_out).map_err(boxed)?;
+        ndarray_npy::write_npy(dir.join("image.npy"), &images).map_err(StageError::other)?;
+        ndarray_npy::write_npy(dir.join("labels.npy"), &label_out).map_err(StageError::other)?;
         let sliced = SlicedCase {
             id: case.id.clone(),
             rows: n,
@@ -277,11 +279,12 @@ fn foreground_stats(
         .cases
         .par_iter()
         .map(|case| {
-            let img = Volume::read(&CaseTable::resolve(input, &case.imaging)).map_err(boxed)?;
-            let seg =
-                Volume::read(&CaseTable::resolve(input, &case.segmentation)).map_err(boxed)?;
-            let (labels, _) = seg.to_labels().map_err(boxed)?;
-            let values = img.to_f64().map_err(boxed)?;
+            let img = Volume::read(&CaseTable::resolve(input, &case.imaging))
+                .map_err(StageError::other)?;
+            let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation))
+                .map_err(StageError::other)?;
+            let (labels, _) = seg.to_labels().map_err(StageError::other)?;
+            let values = img.to_f64().map_err(StageError::other)?;
             let (mut n, mut s, mut s2) = (0.0, 0.0, 0.0);
             for (v, l) in values.iter().zip(&labels) {
                 if *l == 1 || *l == 2 {
@@ -302,8 +305,4 @@ fn foreground_stats(
     }
     let mean = s / n;
     Ok((mean, (s2 / n - mean * mean).max(1e-12).sqrt()))
-}
-
-fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
-    StageError::Other(Box::new(e))
 }

@@ -185,7 +185,7 @@ impl Stage for Train {
     }
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
-        let store = SliceStore::open(ctx.input(&self.slices)?).map_err(boxed)?;
+        let store = SliceStore::open(ctx.input(&self.slices)?).map_err(StageError::other)?;
         let part = |r: &StageRef| -> Result<Vec<String>, StageError> {
             let split = SplitFile::read(ctx.input(r)?)?;
             let port = r.port().unwrap_or("train");
@@ -253,7 +253,7 @@ impl Stage for Train {
             ctx.resume,
             &|d, t, m| ctx.report(d, t, m),
         )
-        .map_err(boxed)?;
+        .map_err(StageError::other)?;
         let mut csv = String::from(EpochRow::HEADER);
         csv.push('\n');
         for r in &rows {
@@ -275,8 +275,4 @@ impl Stage for Train {
 
 fn write(path: &std::path::Path, bytes: &[u8]) -> Result<(), StageError> {
     std::fs::write(path, bytes).map_err(StageError::io("write", path))
-}
-
-fn boxed(e: impl std::error::Error + Send + Sync + 'static) -> StageError {
-    StageError::Other(Box::new(e))
 }
