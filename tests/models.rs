@@ -62,3 +62,19 @@ fn parameter_counts_match_the_study() {
     // the first convolution is 2 * 64 * 9 smaller
     assert_eq!(frozen, 14_714_688 - 2 * 64 * 9);
 }
+
+#[test]
+fn the_models_command_lists_every_network_with_its_counts() {
+    let out = assert_cmd::Command::cargo_bin("kpipe")
+        .unwrap()
+        .args(["models", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v.as_array().unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0]["model"], "unet");
+    assert_eq!(rows[0]["trainable"], 31_030_723);
+    assert_eq!(rows[1]["trainable"], 6_198_019);
+}

@@ -162,6 +162,17 @@ enum Command {
         #[arg(long, value_enum, default_value = "cpu")]
         backend: BackendArg,
     },
+    /// The study's networks with their trainable and frozen parameter counts
+    Models {
+        /// Width of the first level
+        #[arg(long, default_value_t = 64)]
+        base: usize,
+        /// Input channels (1, or 2k+1 with k context slices each side)
+        #[arg(long, default_value_t = 1)]
+        in_channels: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Print where the pipeline's latest report is
     Report {
         #[command(flatten)]
@@ -677,6 +688,60 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                 writeln!(stdout, "{} -> {}", input.display(), output.display())?;
             }
             bar.finish_and_clear();
+            Ok(exit::OK)
+        }
+        Command::Models {
+            base,
+            in_channels,
+            json,
+        } => {
+            let device = burn::tensor::Device::flex();
+            let mut rows = Vec::new();
+            for kind in crate::models::ModelKind::ALL {
+                let config = crate::models::ModelConfig {
+                    kind,
+                    in_channels: *in_channels,
+                    base: *base,
+                    batch_norm: false,
+                    up_kernel: 2,
+                    freeze_encoder: true,
+                };
+                let net = config.init(&device);
+                let (trainable, frozen) = crate::models::param_counts(
+                    &net,
+                    matches!(
+                        kind,
+                        crate::models::ModelKind::Fcn8s | crate::models::ModelKind::Fcn8sV2
+                    ),
+                );
+                rows.push(serde_json::json!({"model": kind.name(), "trainable": trainable, "frozen": frozen, "study_trainable": kind.study_params()}));
+            }
+            if *json {
+                writeln!(
+                    stdout,
+                    "{}",
+                    serde_json::to_string_pretty(&rows).unwrap_or_default()
+                )?;
+            } else {
+                writeln!(
+                    stdout,
+                    "{:<10} {:>12} {:>12} {:>16}   (base {base}, {in_channels} input channel(s); FCN with its VGG16 encoder frozen, as the study)",
+                    "model", "trainable", "frozen", "study trainable"
+                )?;
+                for r in &rows {
+                    let study = r["study_trainable"]
+                        .as_u64()
+                        .map_or("-".to_string(), |v| v.to_string());
+                    writeln!(
+                        stdout,
+                        "{:<10} {:>12} {:>12} {:>16}",
+                        r["model"].as_str().unwrap_or(""),
+                        r["trainable"].as_u64().unwrap_or(0),
+                        r["frozen"].as_u64().unwrap_or(0),
+                        study
+                    )?;
+                }
+            }
             Ok(exit::OK)
         }
         Command::Report { pipeline } => {
