@@ -55,7 +55,9 @@ fn a_training_step_on_wgpu_matches_flex() {
         let l0 = loss.forward(model.forward(x.clone()), &labels);
         let before = f64::from(l0.clone().into_scalar::<f32>());
         let grads = GradientsParams::from_grads(l0.backward(), &model);
-        let mut optim = kpipe::train::adam([0.9, 0.999], 1e-7, 0.0).init();
+        // a large epsilon keeps Adam from turning near-zero gradients, whose sign the
+        // two backends may round differently, into full-size steps
+        let mut optim = kpipe::train::adam([0.9, 0.999], 1e-3, 0.0).init();
         let model = optim.step(1e-2, model, grads);
         let after = f64::from(loss.forward(model.forward(x), &labels).into_scalar::<f32>());
         losses.push((before, after));
