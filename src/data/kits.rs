@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::nifti::{NiftiError, Volume, read_header};
+use super::nifti::{NiftiError, Volume, read_header, squeeze3};
 use crate::cache::file_digest;
 
 /// What to do with labels outside {0, 1, 2}.
@@ -237,7 +237,7 @@ fn check_case(
         case: case(),
         source,
     })?;
-    let img_shape = shape3(&img.shape).ok_or_else(|| KitsError::Case {
+    let img_shape = squeeze3(&img.shape).ok_or_else(|| KitsError::Case {
         case: case(),
         why: format!("imaging is not 3-D: shape {:?}", img.shape),
     })?;
@@ -316,12 +316,4 @@ fn check_case(
         label_counts: counts,
         relabelled,
     })
-}
-
-fn shape3(shape: &[usize]) -> Option<[usize; 3]> {
-    let mut s = shape.to_vec();
-    while s.len() > 3 && s.last() == Some(&1) {
-        s.pop();
-    }
-    s.try_into().ok()
 }

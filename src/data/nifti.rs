@@ -308,17 +308,10 @@ impl Volume {
 
     /// The shape with trailing size-1 axes beyond the third dropped; an error unless 3-D.
     pub fn shape3(&self) -> Result<[usize; 3], NiftiError> {
-        let mut s = self.shape.clone();
-        while s.len() > 3 && s.last() == Some(&1) {
-            s.pop();
-        }
-        match s[..] {
-            [a, b, c] => Ok([a, b, c]),
-            _ => Err(NiftiError::Invalid {
-                path: self.path.clone(),
-                why: format!("expected a 3-D volume, found shape {:?}", self.shape),
-            }),
-        }
+        squeeze3(&self.shape).ok_or_else(|| NiftiError::Invalid {
+            path: self.path.clone(),
+            why: format!("expected a 3-D volume, found shape {:?}", self.shape),
+        })
     }
 
     /// Calls `f(i, raw value as f64)` for every voxel in file order.
@@ -490,6 +483,15 @@ fn qform_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
     }
     m[3][3] = 1.0;
     m
+}
+
+/// A shape with trailing size-1 axes beyond the third dropped, if that leaves 3 axes.
+pub fn squeeze3(shape: &[usize]) -> Option<[usize; 3]> {
+    let mut s = shape;
+    while s.len() > 3 && s.last() == Some(&1) {
+        s = &s[..s.len() - 1];
+    }
+    s.try_into().ok()
 }
 
 /// A parsed header: enough to know a volume's shape and type without its data.
