@@ -55,16 +55,39 @@ fn predictions_keep_the_geometry_and_find_the_kidneys() {
         .find(|o| o.join("data").exists())
         .unwrap()
         .join("data");
+    // the model named as a node of the pipeline's latest run
     let (code, out, err) = p.run(&[
         "predict",
         "--model",
-        model.to_str().unwrap(),
+        "p.toml:train",
         data.to_str().unwrap(),
         "-o",
         "pred",
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.lines().count(), 7, "{out}");
+    // ... is the same model as the artifact directory
+    let one = data.join("case_00005/imaging.nii.gz");
+    let (code, _, err) = p.run(&[
+        "predict",
+        "--model",
+        model.to_str().unwrap(),
+        one.to_str().unwrap(),
+        "-o",
+        "one.nii.gz",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read(p.path().join("one.nii.gz")).unwrap(),
+        std::fs::read(p.path().join("pred/prediction_00005.nii.gz")).unwrap()
+    );
+    // a node that is not there is a usage error listing the models
+    let (code, _, err) = p.run(&["predict", "--model", "p.toml:trian", "x.nii.gz", "-o", "y"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no node `trian`") && err.contains("train"),
+        "{err}"
+    );
     let input = Volume::read(&data.join("case_00005/imaging.nii.gz")).unwrap();
     let pred = Volume::read(&p.path().join("pred/prediction_00005.nii.gz")).unwrap();
     assert_eq!(pred.shape, input.shape);

@@ -88,8 +88,33 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
         "ranked by min val-loss: {:?}",
         sweep.arms.iter().map(|a| a.best).collect::<Vec<_>>()
     );
-    let md = std::fs::read_to_string(out_of(&p, "comparison.md").join("comparison.md")).unwrap();
-    assert!(md.contains("**selected**"), "{md}");
+    let dir = out_of(&p, "comparison.md");
+    let md = std::fs::read_to_string(dir.join("comparison.md")).unwrap();
+    let rows: Vec<&str> = md.lines().skip(2).collect();
+    assert_eq!(rows.len(), 2, "{md}");
+    assert!(
+        rows[0].starts_with(&format!("| 1 | {} |", sweep.arms[0].id))
+            && rows[0].contains("**selected**")
+            && !rows[1].contains("**selected**"),
+        "{md}"
+    );
+    let csv = std::fs::read_to_string(dir.join("comparison.csv")).unwrap();
+    assert!(
+        csv.starts_with("rank,arm,learning_rate,best_val_loss,best_epoch,"),
+        "{csv}"
+    );
+    assert!(
+        !csv.contains("wall"),
+        "a clock stays out of the digest: {csv}"
+    );
+    // the wall-time copy, outside the digest, has one time per arm
+    let timed = std::fs::read_to_string(dir.join("volatile/comparison.csv")).unwrap();
+    let header: Vec<&str> = timed.lines().next().unwrap().split(',').collect();
+    assert_eq!(header.last(), Some(&"wall_time_s"), "{timed}");
+    for row in timed.lines().skip(1) {
+        let secs: f64 = row.rsplit(',').next().unwrap().parse().unwrap();
+        assert!(secs > 0.0, "{timed}");
+    }
     // the selected arm's artifact is `train.best`
     assert!(
         out_of(&p, "sweep.json")
@@ -175,7 +200,13 @@ fn evaluation_report_metrics_and_verify() {
     assert_eq!(code, 0);
     let m: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(m["evaluate"]["study_iou"].is_number(), "{out}");
-    assert_eq!(m["train"]["arms"].as_object().unwrap().len(), 2);
+    let arms = m["train"]["arms"].as_object().unwrap();
+    assert_eq!(arms.len(), 2);
+    assert!(
+        arms.values()
+            .all(|a| a["wall_time_s"].as_f64().is_some_and(|s| s > 0.0)),
+        "{out}"
+    );
 
     let (code, out, err) = p.run(&["verify", "p.toml"]);
     assert_eq!(code, 0, "{out}\n{err}");

@@ -149,9 +149,14 @@ enum Command {
     },
     /// Segment NIfTI volumes (files, or KiTS19 folders) with a trained model
     Predict {
-        /// A train artifact: a directory with model.json and model.safetensors
-        #[arg(long)]
-        model: PathBuf,
+        /// A train artifact (a directory with model.json and model.safetensors), or a
+        /// node of a pipeline's latest run: `PIPELINE.toml:NODE[.OUTPUT]`, e.g.
+        /// `pipelines/unet_lr_sweep.toml:sweep.best`
+        #[arg(long, value_name = "DIR|PIPELINE:NODE")]
+        model: String,
+        /// The profile of a `PIPELINE:NODE` model
+        #[arg(long, value_name = "NAME")]
+        profile: Option<String>,
         #[arg(required = true)]
         inputs: Vec<PathBuf>,
         /// Output file (one input) or folder
@@ -659,6 +664,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
         }
         Command::Predict {
             model,
+            profile,
             inputs,
             out,
             batch_size,
@@ -669,7 +675,8 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                 BackendArg::Gpu => crate::backend::BackendKind::Gpu,
             };
             let device = crate::backend::device(kind, 0).map_err(CliError::Usage)?;
-            let (net, file) = crate::train::load_network(model, &device)
+            let model = resolve_model(model, profile.as_deref(), &cli.cache_dir)?;
+            let (net, file) = crate::train::load_network(&model, &device)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
             let pairs = crate::predict::plan_outputs(inputs, out)
                 .map_err(|e| CliError::Usage(e.to_string()))?;
@@ -772,10 +779,15 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
             for (id, dir) in latest_outputs(&plan, &cache, "sweep") {
                 if let Ok(file) = crate::stages::sweep::SweepFile::read(&dir) {
+                    let wall: serde_json::Value =
+                        std::fs::read_to_string(dir.join("volatile/wall_time.json"))
+                            .ok()
+                            .and_then(|t| serde_json::from_str(&t).ok())
+                            .unwrap_or_default();
                     let arms: serde_json::Map<String, serde_json::Value> = file
                         .arms
                         .iter()
-                        .map(|a| (a.id.clone(), serde_json::json!({"best": a.best, "best_epoch": a.best_epoch, "final_val_iou": a.last.val_iou, "final_dice_kidney": a.last.dice_kidney, "selected": a.selected})))
+                        .map(|a| (a.id.clone(), serde_json::json!({"best": a.best, "best_epoch": a.best_epoch, "final_val_iou": a.last.val_iou, "final_dice_kidney": a.last.dice_kidney, "selected": a.selected, "wall_time_s": wall[&a.id]})))
                         .collect();
                     all.insert(
                         id,
@@ -818,6 +830,66 @@ fn latest_outputs(plan: &Plan, cache: &Cache, kind: &str) -> Vec<(String, PathBu
         .filter(|(_, r)| r.kind == kind)
         .filter_map(|(id, r)| cache.peek(&r.key).map(|e| (id.clone(), e.out())))
         .collect()
+}
+
+/// `--model`: a directory as it is, or `PIPELINE.toml:NODE[.OUTPUT]` looked up in the
+/// pipeline's lock file (for `profile`) and the cache, as a downstream stage would see it.
+fn resolve_model(spec: &str, profile: Option<&str>, cache_dir: &Path) -> Result<PathBuf, CliError> {
+    let direct = Path::new(spec);
+    let Some(at) = spec.find(".toml:") else {
+        if direct.is_dir() {
+            return Ok(direct.to_path_buf());
+        }
+        return Err(CliError::Usage(format!(
+            "--model `{spec}`: no such directory\nhint: give a train artifact directory or `PIPELINE.toml:NODE`"
+        )));
+    };
+    let (file, node) = (Path::new(&spec[..at + 5]), &spec[at + 6..]);
+    let lock_path = LockFile::path_for(file, profile);
+    let lock = LockFile::read(&lock_path)?;
+    if lock.nodes.is_empty() {
+        return Err(CliError::Usage(format!(
+            "--model `{spec}`: `{}` has no results (no `{}`)\nhint: run `kpipe run {}{}` first",
+            file.display(),
+            lock_path.display(),
+            file.display(),
+            profile
+                .map(|p| format!(" --profile {p}"))
+                .unwrap_or_default()
+        )));
+    }
+    let (id, port) = match lock.nodes.contains_key(node) {
+        true => (node, None),
+        false => match node.rsplit_once('.') {
+            Some((id, port)) if lock.nodes.contains_key(id) => (id, Some(port)),
+            _ => {
+                let known: Vec<&str> = lock
+                    .nodes
+                    .iter()
+                    .filter(|(_, r)| r.kind == "train" || r.kind == "sweep")
+                    .map(|(id, _)| id.as_str())
+                    .collect();
+                return Err(CliError::Usage(format!(
+                    "--model `{spec}`: no node `{node}` in `{}`\nhint: models there: {}",
+                    lock_path.display(),
+                    known.join(", ")
+                )));
+            }
+        },
+    };
+    let cache = Cache::open(cache_dir)?;
+    let entry = cache.get(&lock.nodes[id].key)?.ok_or_else(|| {
+        CliError::Usage(format!(
+            "--model `{spec}`: the result of `{id}` is no longer in the cache\nhint: run the pipeline again"
+        ))
+    })?;
+    match port {
+        None => Ok(entry.out()),
+        Some(p) if entry.out().join(p).is_dir() => Ok(entry.out().join(p)),
+        Some(p) => Err(CliError::Usage(format!(
+            "--model `{spec}`: `{id}` has no output `{p}`"
+        ))),
+    }
 }
 
 /// (case, truth, prediction) of every case of a truth folder with a prediction.

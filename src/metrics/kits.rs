@@ -48,8 +48,12 @@ pub enum ScoreError {
 /// Labels of a volume in file order, with its 3-D shape: a 4-D volume is argmaxed over
 /// its last axis (first maximum wins, as numpy's), floats are rounded half to even.
 pub fn labels_of(v: &Volume, policy: LabelPolicy) -> Result<(Vec<u8>, Vec<usize>), NiftiError> {
-    let values = v.to_f64()?;
-    let mut shape = v.shape.clone();
+    Ok(labels_from(&v.to_f64()?, &v.shape, policy))
+}
+
+/// [`labels_of`] on values in file order (first index fastest) of nibabel shape `shape`.
+pub fn labels_from(values: &[f64], shape: &[usize], policy: LabelPolicy) -> (Vec<u8>, Vec<usize>) {
+    let mut shape = shape.to_vec();
     while shape.len() > 4 && shape.last() == Some(&1) {
         shape.pop();
     }
@@ -79,7 +83,7 @@ pub fn labels_of(v: &Volume, policy: LabelPolicy) -> Result<(Vec<u8>, Vec<usize>
             _ => 0,
         })
         .collect();
-    Ok((mapped, shape))
+    (mapped, shape)
 }
 
 fn dice(inter: u64, a: u64, b: u64) -> f64 {
@@ -175,6 +179,31 @@ mod tests {
         assert_eq!(s.kidney_tumor_dice, 1.0, "label > 0 agrees everywhere");
         assert_eq!(s.tumor_dice, 0.0);
         assert_eq!((s.iou[1], s.iou[2]), (0.0, 0.0));
+    }
+
+    #[test]
+    fn four_d_probabilities_are_argmaxed_over_the_last_axis() {
+        // 2 voxels x 3 channels, first index fastest: channel c of voxel i at i + 2c
+        let probs = [0.1, 0.5, 0.7, 0.5, 0.2, 0.0];
+        let (labels, shape) = labels_from(&probs, &[2, 1, 1, 3], LabelPolicy::Starter);
+        assert_eq!(shape, [2, 1, 1]);
+        assert_eq!(
+            labels,
+            [1, 0],
+            "voxel 1 ties 0.5/0.5: the first maximum wins"
+        );
+        // a trailing size-1 axis is not a channel axis
+        let (labels, shape) = labels_from(&[2.0, 1.0], &[2, 1, 1, 1], LabelPolicy::Starter);
+        assert_eq!((labels, shape), (vec![2, 1], vec![2, 1, 1]));
+    }
+
+    #[test]
+    fn float_labels_round_half_to_even_and_follow_the_label_policy() {
+        let values = [0.5, 1.5, 2.5, 0.49, 3.0, -1.0];
+        let (starter, _) = labels_from(&values, &[6, 1, 1], LabelPolicy::Starter);
+        assert_eq!(starter, [0, 2, 2, 0, 2, 0]);
+        let (rules, _) = labels_from(&values, &[6, 1, 1], LabelPolicy::Rules);
+        assert_eq!(rules, [0, 2, 2, 0, 0, 0]);
     }
 
     #[test]

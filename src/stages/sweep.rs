@@ -4,9 +4,9 @@
 //! Output: `comparison.csv` and `comparison.md` (one row per arm: its parameters, the
 //! best value of the selection metric and its epoch, final validation metrics, epochs),
 //! ranked by the selection rule; `sweep.json`; `best/`, a copy of the selected arm's
-//! artifact, which downstream stages reference as `<id>.best`; and
-//! `volatile/wall_time.json`, each arm's training time (outside the digest: no rerun
-//! reproduces a clock).
+//! artifact, which downstream stages reference as `<id>.best`; and in `volatile/` (outside
+//! the digest: no rerun reproduces a clock) `wall_time.json`, each arm's training time,
+//! and the same two tables with a wall-time column.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -245,22 +245,19 @@ impl Stage for Sweep {
         results[0].selected = true;
         let best_dir = ctx.input(&StageRef(results[0].id.clone()))?;
         copy_dir(best_dir, &ctx.out.join("best"))?;
-        write(
-            &ctx.out.join("comparison.csv"),
-            &table_csv(select, &results),
-        )?;
-        write(
-            &ctx.out.join("comparison.md"),
-            &table_markdown(select, &results),
-        )?;
+        let volatile = ctx.out.join(crate::cache::digest::VOLATILE);
+        std::fs::create_dir_all(&volatile).map_err(StageError::io("create", ctx.out))?;
+        for (dir, wall) in [(ctx.out, None), (volatile.as_path(), Some(&wall))] {
+            let t = table(select, &results, wall);
+            write(&dir.join("comparison.csv"), &t.csv())?;
+            write(&dir.join("comparison.md"), &t.markdown())?;
+        }
         let file = SweepFile {
             select: select.clone(),
             arms: results,
         };
         write(&ctx.out.join(SweepFile::FILE), &json(&file)?)?;
-        std::fs::create_dir_all(ctx.out.join("volatile"))
-            .map_err(StageError::io("create", ctx.out))?;
-        write(&ctx.out.join("volatile/wall_time.json"), &json(&wall)?)?;
+        write(&volatile.join("wall_time.json"), &json(&wall)?)?;
         Ok(())
     }
 }
@@ -285,76 +282,104 @@ fn fmt(v: f64) -> String {
     }
 }
 
-fn table_csv(select: &Select, arms: &[ArmResult]) -> String {
+/// The comparison table: one row per arm, in rank order; with `wall`, a column of each
+/// arm's training time.
+fn table(select: &Select, arms: &[ArmResult], wall: Option<&BTreeMap<String, f64>>) -> Table {
     let keys: Vec<&String> = arms
         .first()
         .map(|a| a.params.keys().collect())
         .unwrap_or_default();
-    let mut s = format!(
-        "rank,arm,{},best_{m},best_epoch,final_val_iou,final_val_fg_iou,final_dice_kidney,final_dice_tumor,epochs,selected\n",
-        keys.iter()
-            .map(|k| k.as_str())
-            .collect::<Vec<_>>()
-            .join(","),
-        m = select.metric.replace('-', "_")
+    let mut header = vec!["rank".to_string(), "arm".into()];
+    header.extend(keys.iter().map(|k| k.to_string()));
+    header.extend(
+        [
+            &format!("best {}", select.metric),
+            "best epoch",
+            "final val IoU",
+            "final fg IoU",
+            "kidney Dice",
+            "tumor Dice",
+            "epochs",
+            "selected",
+        ]
+        .map(String::from),
     );
-    for (i, a) in arms.iter().enumerate() {
-        let params: Vec<String> = keys
-            .iter()
-            .map(|k| format!("\"{}\"", a.params.get(*k).cloned().unwrap_or_default()))
-            .collect();
-        s += &format!(
-            "{},\"{}\",{},{},{},{},{},{},{},{},{}\n",
-            i + 1,
-            a.id,
-            params.join(","),
-            fmt(a.best),
-            a.best_epoch,
-            fmt(a.last.val_iou),
-            fmt(a.last.val_fg_iou),
-            fmt(a.last.dice_kidney),
-            fmt(a.last.dice_tumor),
-            a.epochs,
-            a.selected
-        );
+    if wall.is_some() {
+        header.push("wall time (s)".into());
     }
-    s
+    let rows = arms
+        .iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let mut row = vec![(i + 1).to_string(), a.id.clone()];
+            row.extend(
+                keys.iter()
+                    .map(|k| a.params.get(*k).cloned().unwrap_or_default()),
+            );
+            row.extend([
+                fmt(a.best),
+                a.best_epoch.to_string(),
+                fmt(a.last.val_iou),
+                fmt(a.last.val_fg_iou),
+                fmt(a.last.dice_kidney),
+                fmt(a.last.dice_tumor),
+                a.epochs.to_string(),
+                if a.selected { "**selected**" } else { "" }.into(),
+            ]);
+            if let Some(w) = wall {
+                row.push(w.get(&a.id).map_or("-".into(), |s| format!("{s:.1}")));
+            }
+            row
+        })
+        .collect();
+    Table { header, rows }
 }
 
-fn table_markdown(select: &Select, arms: &[ArmResult]) -> String {
-    let keys: Vec<&String> = arms
-        .first()
-        .map(|a| a.params.keys().collect())
-        .unwrap_or_default();
-    let mut s = format!(
-        "| rank | {} | best {} (epoch) | final val IoU | final fg IoU | kidney Dice | tumor Dice | epochs |\n|---|{}---|---|---|---|---|---|\n",
-        keys.iter()
-            .map(|k| k.as_str())
-            .collect::<Vec<_>>()
-            .join(" | "),
-        select.metric,
-        "---|".repeat(keys.len())
-    );
-    for (i, a) in arms.iter().enumerate() {
-        let params: Vec<String> = keys
+struct Table {
+    header: Vec<String>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    fn csv(&self) -> String {
+        let line = |cells: &[String]| {
+            let quoted: Vec<String> = cells
+                .iter()
+                .map(|c| {
+                    let c = c.replace("**selected**", "true");
+                    if c.contains([',', '"', ' ', '=']) {
+                        format!("\"{}\"", c.replace('"', "\"\""))
+                    } else {
+                        c
+                    }
+                })
+                .collect();
+            quoted.join(",") + "\n"
+        };
+        // snake_case column names: `final val IoU` -> `final_val_iou`
+        let header: Vec<String> = self
+            .header
             .iter()
-            .map(|k| format!("`{}`", a.params.get(*k).cloned().unwrap_or_default()))
+            .map(|h| {
+                let h = h
+                    .to_lowercase()
+                    .replace(|c: char| !c.is_alphanumeric(), " ");
+                h.split_whitespace().collect::<Vec<_>>().join("_")
+            })
             .collect();
-        let mark = if a.selected { " **selected**" } else { "" };
-        s += &format!(
-            "| {}{mark} | {} | {} ({}) | {} | {} | {} | {} | {} |\n",
-            i + 1,
-            params.join(" | "),
-            fmt(a.best),
-            a.best_epoch,
-            fmt(a.last.val_iou),
-            fmt(a.last.val_fg_iou),
-            fmt(a.last.dice_kidney),
-            fmt(a.last.dice_tumor),
-            a.epochs
-        );
+        self.rows.iter().fold(line(&header), |s, r| s + &line(r))
     }
-    s
+
+    fn markdown(&self) -> String {
+        let line = |cells: &[String]| {
+            let cells: Vec<String> = cells.iter().map(|c| c.replace('|', "\\|")).collect();
+            format!("| {} |\n", cells.join(" | "))
+        };
+        let rule = format!("|{}\n", "---|".repeat(self.header.len()));
+        self.rows
+            .iter()
+            .fold(line(&self.header) + &rule, |s, r| s + &line(r))
+    }
 }
 
 fn write(path: &Path, text: &str) -> Result<(), StageError> {
