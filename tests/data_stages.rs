@@ -66,7 +66,7 @@ fn load_slice_split_run_on_synthetic_data() {
     assert_eq!(store.meta.cases.len(), 6);
     let mut rows = 0;
     for i in 0..6 {
-        let (img, lab) = (store.images(i).unwrap(), store.labels(i).unwrap());
+        let (img, lab) = (store.images(i).unwrap().to_f32(), store.labels(i).unwrap());
         assert_eq!(
             img.shape(),
             [24, 1, 32, 32],
@@ -86,6 +86,72 @@ fn load_slice_split_run_on_synthetic_data() {
         (split.train.len(), split.test.len(), split.eval.len()),
         (4, 1, 1)
     );
+}
+
+#[test]
+fn float16_storage_halves_the_images_and_keeps_their_values() {
+    let p = Project::new();
+    p.write("p.toml", STUDY);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = p.run(&["run", "p.toml", "--set", "stages.slice.storage=float16"]);
+    assert_eq!(code, 0, "{err}");
+    let stores: Vec<_> = p
+        .entries()
+        .into_iter()
+        .map(|e| e.join("out"))
+        .filter(|o| o.join("slices.json").exists())
+        .collect();
+    assert_eq!(stores.len(), 2, "float16 is a new slice artifact");
+    use kpipe::data::slices::{SliceStore, StorageType};
+    let open = |d: &std::path::Path| SliceStore::open(d).unwrap();
+    let (mut full_dir, mut half_dir) = (&stores[0], &stores[1]);
+    if open(full_dir).meta.storage == StorageType::Float16 {
+        (full_dir, half_dir) = (half_dir, full_dir);
+    }
+    let (full, half) = (open(full_dir), open(half_dir));
+    assert_eq!(half.meta.storage, StorageType::Float16);
+    for i in 0..full.meta.cases.len() {
+        let (x, y) = (
+            full.images(i).unwrap().to_f32(),
+            half.images(i).unwrap().to_f32(),
+        );
+        assert_eq!(x.shape(), y.shape());
+        let worst = x
+            .iter()
+            .zip(&y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst > 0.0 && worst <= 2f32.powi(-11),
+            "f16 rounding of [0, 1]: {worst}"
+        );
+        assert_eq!(full.labels(i).unwrap(), half.labels(i).unwrap());
+        let id = &full.meta.cases[i].id;
+        let bytes = |d: &std::path::Path| {
+            std::fs::metadata(d.join("cases").join(id).join("image.npy"))
+                .unwrap()
+                .len()
+        };
+        let (bf, bh) = (bytes(full_dir), bytes(half_dir));
+        assert!(bh * 2 - 128 <= bf && bf <= bh * 2 + 128, "{bf} vs {bh}");
+    }
+    // numpy reads the float16 store as it is
+    let npy = half_dir
+        .join("cases")
+        .join(&half.meta.cases[0].id)
+        .join("image.npy");
+    let py = std::process::Command::new("python3")
+        .args(["-c", "import sys, numpy as np; a = np.load(sys.argv[1], mmap_mode='r'); print(a.dtype, a.shape)"])
+        .arg(&npy)
+        .output();
+    match py {
+        Ok(o) if o.status.success() => {
+            let s = String::from_utf8_lossy(&o.stdout);
+            assert!(s.starts_with("float16 (24, 1, 32, 32)"), "{s}");
+        }
+        _ => eprintln!("numpy not available: skipping the numpy read of a float16 store"),
+    }
 }
 
 #[test]
@@ -338,7 +404,7 @@ fn non_square_slices_are_padded_to_square() {
     assert_eq!(row(4), vec![1u8; 16]);
     assert_eq!(row(11), vec![1u8; 16]);
     assert_eq!(row(12), vec![0u8; 16]);
-    let img = store.images(0).unwrap();
+    let img = store.images(0).unwrap().to_f32();
     assert_eq!(img[[0, 0, 0, 0]], 0.0, "padding is the window's low end");
     assert!((img[[0, 0, 8, 8]] - (200.0 + 79.0) / 383.0).abs() < 1e-6);
 }

@@ -167,3 +167,114 @@ fn init_from_continues_from_another_stage_and_gpu_without_the_feature_says_so() 
         assert!(err.contains("built without GPU support"), "{err}");
     }
 }
+
+/// A VGG16-shaped safetensors file with torchvision's names (RGB input), widths
+/// `base * [1, 2, 4, 8, 8]`, deterministic values.
+fn write_vgg16(path: &std::path::Path, base: usize) -> Vec<(String, Vec<f32>, Vec<usize>)> {
+    let widths = [base, base * 2, base * 4, base * 8, base * 8];
+    let depths = [2, 2, 3, 3, 3];
+    let (mut tensors, mut cin, mut index) = (Vec::new(), 3, 0);
+    for (w, n) in widths.into_iter().zip(depths) {
+        for _ in 0..n {
+            let shape = vec![w, cin, 3, 3];
+            let len = w * cin * 9;
+            let weight = (0..len)
+                .map(|i| ((i * 7919 + index) % 97) as f32 / 970.0 - 0.05)
+                .collect();
+            tensors.push((format!("features.{index}.weight"), weight, shape));
+            tensors.push((
+                format!("features.{index}.bias"),
+                vec![0.01 * index as f32; w],
+                vec![w],
+            ));
+            cin = w;
+            index += 2;
+        }
+        index += 1; // the max-pool's index in torchvision's `features`
+    }
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .iter()
+        .map(|(n, v, s)| {
+            (
+                n.clone(),
+                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                s.clone(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+    tensors
+}
+
+fn read_tensor(path: &std::path::Path, name: &str) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap();
+    let file = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = file
+        .tensor(name)
+        .unwrap_or_else(|_| panic!("no `{name}` in {:?}", file.names()));
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn pretrained_vgg16_weights_load_adapted_to_grey_input_and_stay_frozen() {
+    let p = Project::new();
+    let vgg = write_vgg16(&p.path().join("vgg.safetensors"), 4);
+    let fcn = TINY.replace(
+        "base = 4\n",
+        "base = 4\nmodel = \"fcn8s\"\npretrained = \"vgg.safetensors\"\n",
+    );
+    p.write("p.toml", &fcn);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let weights = train_out(&p).join("model.safetensors");
+    // the first layer: ImageNet's RGB kernels summed for the one CT channel
+    let first = read_tensor(&weights, "Fcn.encoder.0.0.conv.weight");
+    let (_, rgb, _) = &vgg[0];
+    let summed: Vec<f32> = (0..4)
+        .flat_map(|o| (0..9).map(move |k| (o, k)))
+        .map(|(o, k)| (0..3).map(|c| rgb[(o * 3 + c) * 9 + k]).sum())
+        .collect();
+    assert_eq!(first, summed);
+    // a deeper layer (features.28, the last conv) and a bias, unchanged by training
+    let (_, last, _) = &vgg[24];
+    assert_eq!(&read_tensor(&weights, "Fcn.encoder.4.2.conv.weight"), last);
+    assert_eq!(
+        read_tensor(&weights, "Fcn.encoder.1.0.conv.bias"),
+        vgg[5].1,
+        "features.5.bias"
+    );
+    let model: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(train_out(&p).join("model.json")).unwrap())
+            .unwrap();
+    assert_eq!(model["model"]["freeze-encoder"], true);
+
+    // new weights under the same name retrain; weights of another shape are an error
+    write_vgg16(&p.path().join("vgg.safetensors"), 8);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("features.0.weight") && err.contains("[8, 1, 3, 3]"),
+        "{err}"
+    );
+    // ... and U-Net has no VGG16 encoder
+    p.write(
+        "p.toml",
+        &fcn.replace("model = \"fcn8s\"", "model = \"unet\""),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("fit `fcn8s` and `fcn8s-v2` only"), "{err}");
+}

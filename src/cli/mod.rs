@@ -124,6 +124,10 @@ enum Command {
         cache: bool,
         #[arg(short, long)]
         jobs: Option<usize>,
+        /// GPU nodes (and what reads them) pass when each metric in [0, 1] is within
+        /// this of the locked result's: GPU training is not bit-reproducible
+        #[arg(long, default_value_t = 0.02, value_name = "ABS")]
+        gpu_tolerance: f64,
     },
     /// Measure throughput (medians over repeats); see scripts/ for the Python sides
     #[command(subcommand)]
@@ -495,6 +499,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             set,
             cache,
             jobs,
+            gpu_tolerance,
         } => {
             let store = Cache::open(&cli.cache_dir)?;
             if *cache {
@@ -532,7 +537,8 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
             let reporter =
                 progress::TermReporter::new(!cli.no_progress && std::io::stderr().is_terminal());
-            let checks = crate::verify::verify_pipeline(&plan, store.root(), &opts, &reporter)?;
+            let checks =
+                crate::verify::verify_pipeline(&plan, &store, &opts, &reporter, *gpu_tolerance)?;
             reporter.finish();
             let width = checks.iter().map(|c| c.id.len()).max().unwrap_or(4);
             writeln!(
@@ -546,10 +552,17 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                         .map_or("-".to_string(), |d| d[..12].to_string())
                 };
                 let verdict = match c.verdict {
-                    crate::verify::Verdict::Match => "match",
-                    crate::verify::Verdict::Mismatch => "MISMATCH",
-                    crate::verify::Verdict::Unlocked => "not in lock file",
-                    crate::verify::Verdict::Failed => "FAILED",
+                    crate::verify::Verdict::Match => "match".to_string(),
+                    crate::verify::Verdict::Tolerated => match c.drift {
+                        Some(d) => format!("within GPU tolerance (max drift {d:.4})"),
+                        None => "within GPU tolerance (its inputs were)".into(),
+                    },
+                    crate::verify::Verdict::Mismatch => match c.drift {
+                        Some(d) => format!("MISMATCH (GPU metrics drift {d:.4})"),
+                        None => "MISMATCH".into(),
+                    },
+                    crate::verify::Verdict::Unlocked => "not in lock file".into(),
+                    crate::verify::Verdict::Failed => "FAILED".into(),
                 };
                 writeln!(
                     stdout,
@@ -568,9 +581,18 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                 .iter()
                 .filter(|c| c.verdict == crate::verify::Verdict::Failed)
                 .count();
+            let tolerated = checks
+                .iter()
+                .filter(|c| c.verdict == crate::verify::Verdict::Tolerated)
+                .count();
+            let tolerated = if tolerated > 0 {
+                format!(" ({tolerated} within GPU tolerance {gpu_tolerance})")
+            } else {
+                String::new()
+            };
             writeln!(
                 stdout,
-                "{} nodes: {} match, {mismatches} mismatch, {failed} failed",
+                "{} nodes: {} match{tolerated}, {mismatches} mismatch, {failed} failed",
                 checks.len(),
                 checks.len() - mismatches - failed
             )?;

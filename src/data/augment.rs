@@ -7,7 +7,13 @@
 //! # crop-scale = [0.5, 0.9], brightness, contrast, gamma, noise (intensity, in the
 //! # normalised units), sample-pairing (probability; SamplePairing averages with another
 //! # training image and keeps this one's labels)
+//! augment = { affine = { p = 0.5, rotate = 15.0, scale = 0.1, shift = 0.05 } }
+//! augment = { elastic = { p = 0.5, sigma = 10.0, grid = 3 } }   # the U-Net paper's
 //! ```
+//!
+//! Warps sample images bilinearly (edges clamped) and labels at the nearest pixel
+//! (background outside), through the same map, so they stay aligned. Disabled parts
+//! draw no random numbers: adding one to a pipeline leaves the others' draws alone.
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -29,6 +35,58 @@ pub struct Augment {
     pub gamma: f64,
     pub noise: f64,
     pub sample_pairing: f64,
+    /// Random rotation, zoom and shift.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affine: Option<Affine>,
+    /// Random elastic deformation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub elastic: Option<Elastic>,
+}
+
+/// `affine = { p = 0.5, rotate = 15.0, scale = 0.1, shift = 0.05 }`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Affine {
+    /// Probability per sample.
+    pub p: f64,
+    /// Largest rotation, degrees either way.
+    pub rotate: f64,
+    /// Largest relative zoom either way.
+    pub scale: f64,
+    /// Largest shift, as a fraction of the size, each axis either way.
+    pub shift: f64,
+}
+
+impl Default for Affine {
+    fn default() -> Self {
+        Affine {
+            p: 0.5,
+            rotate: 15.0,
+            scale: 0.1,
+            shift: 0.05,
+        }
+    }
+}
+
+/// `elastic = { p = 0.5, sigma = 10.0, grid = 3 }`: displacements drawn with standard
+/// deviation `sigma` pixels on a `grid` x `grid` grid (the U-Net paper's), interpolated
+/// bilinearly to every pixel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Elastic {
+    pub p: f64,
+    pub sigma: f64,
+    pub grid: usize,
+}
+
+impl Default for Elastic {
+    fn default() -> Self {
+        Elastic {
+            p: 0.5,
+            sigma: 10.0,
+            grid: 3,
+        }
+    }
 }
 
 impl Default for Augment {
@@ -44,6 +102,8 @@ impl Default for Augment {
             gamma: 0.0,
             noise: 0.0,
             sample_pairing: 0.0,
+            affine: None,
+            elastic: None,
         }
     }
 }
@@ -93,6 +153,34 @@ impl Augment {
         ] {
             if !(0.0..=1.0).contains(&p) {
                 bad.push((k.to_string(), "a probability must be in [0, 1]".to_string()));
+            }
+        }
+        if let Some(a) = &self.affine {
+            if !(0.0..=1.0).contains(&a.p) {
+                bad.push(("affine.p".into(), "a probability must be in [0, 1]".into()));
+            }
+            if !(0.0..=180.0).contains(&a.rotate) {
+                bad.push(("affine.rotate".into(), "must be in [0, 180] degrees".into()));
+            }
+            if !(0.0..0.9).contains(&a.scale) {
+                bad.push(("affine.scale".into(), "must be in [0, 0.9)".into()));
+            }
+            if !(0.0..=0.5).contains(&a.shift) {
+                bad.push(("affine.shift".into(), "must be in [0, 0.5]".into()));
+            }
+        }
+        if let Some(e) = &self.elastic {
+            if !(0.0..=1.0).contains(&e.p) {
+                bad.push(("elastic.p".into(), "a probability must be in [0, 1]".into()));
+            }
+            if !(e.sigma >= 0.0 && e.sigma.is_finite()) {
+                bad.push((
+                    "elastic.sigma".into(),
+                    "must be a non-negative number".into(),
+                ));
+            }
+            if !(2..=64).contains(&e.grid) {
+                bad.push(("elastic.grid".into(), "must be in 2..=64".into()));
             }
         }
         let [a, b] = self.crop_scale;
@@ -145,6 +233,47 @@ impl Augment {
         }
         if rng.random_bool(self.crop) {
             self.foreground_crop(s, rng);
+        }
+        // disabled warps draw nothing, so they leave the other parts' draws alone
+        if let Some(a) = self.affine.as_ref().filter(|a| rng.random_bool(a.p)) {
+            let c = (n as f64 - 1.0) / 2.0;
+            let angle = rng.random_range(-1.0..=1.0) * a.rotate.to_radians();
+            let zoom = 1.0 + rng.random_range(-1.0..=1.0) * a.scale;
+            let shift = a.shift * n as f64;
+            let (ty, tx) = (
+                rng.random_range(-1.0..=1.0) * shift,
+                rng.random_range(-1.0..=1.0) * shift,
+            );
+            let (sin, cos) = angle.sin_cos();
+            // output (y, x) <- the inverse transform: un-shift, un-rotate, un-zoom
+            warp(s, |y, x| {
+                let (dy, dx) = (y - c - ty, x - c - tx);
+                (
+                    c + (cos * dy - sin * dx) / zoom,
+                    c + (sin * dy + cos * dx) / zoom,
+                )
+            });
+        }
+        if let Some(e) = self.elastic.as_ref().filter(|e| rng.random_bool(e.p)) {
+            let g = e.grid;
+            let normal = Normal::new(0.0, e.sigma).expect("finite sigma");
+            let field: Vec<(f64, f64)> = (0..g * g)
+                .map(|_| (normal.sample(rng), normal.sample(rng)))
+                .collect();
+            let step = (n as f64 - 1.0) / (g as f64 - 1.0);
+            warp(s, |y, x| {
+                let (gy, gx) = (y / step, x / step);
+                let (y0, x0) = ((gy as usize).min(g - 2), (gx as usize).min(g - 2));
+                let (fy, fx) = (gy - y0 as f64, gx - x0 as f64);
+                let at = |i: usize, j: usize| field[i * g + j];
+                let lerp = |a: (f64, f64), b: (f64, f64), t: f64| {
+                    (a.0 + (b.0 - a.0) * t, a.1 + (b.1 - a.1) * t)
+                };
+                let top = lerp(at(y0, x0), at(y0, x0 + 1), fx);
+                let bottom = lerp(at(y0 + 1, x0), at(y0 + 1, x0 + 1), fx);
+                let (dy, dx) = lerp(top, bottom, fy);
+                (y + dy, x + dx)
+            });
         }
         if self.brightness > 0.0 || self.contrast > 0.0 || self.gamma > 0.0 {
             let shift = rng.random_range(-1.0..=1.0) * self.brightness;
@@ -210,6 +339,39 @@ impl Augment {
             lab.extend_from_slice(&s.labels[y * n + left..y * n + left + side]);
         }
         s.labels = resize_nearest(&lab, (side, side), (n, n));
+    }
+}
+
+/// Resamples a sample through `source(y, x)`, the input position (pixels) that output
+/// pixel (y, x) shows: images bilinearly with edges clamped, labels at the nearest pixel
+/// with background outside.
+fn warp(s: &mut Sample, source: impl Fn(f64, f64) -> (f64, f64)) {
+    let n = s.size;
+    let last = n as f64 - 1.0;
+    let map: Vec<(f64, f64)> = (0..n * n)
+        .map(|i| source((i / n) as f64, (i % n) as f64))
+        .collect();
+    for plane in s.planes_mut() {
+        let src = plane.to_vec();
+        for (o, &(y, x)) in plane.iter_mut().zip(&map) {
+            let (y, x) = (y.clamp(0.0, last), x.clamp(0.0, last));
+            let (y0, x0) = (y.floor() as usize, x.floor() as usize);
+            let (y1, x1) = ((y0 + 1).min(n - 1), (x0 + 1).min(n - 1));
+            let (fy, fx) = ((y - y0 as f64) as f32, (x - x0 as f64) as f32);
+            let at = |yy: usize, xx: usize| src[yy * n + xx];
+            let top = at(y0, x0) + (at(y0, x1) - at(y0, x0)) * fx;
+            let bottom = at(y1, x0) + (at(y1, x1) - at(y1, x0)) * fx;
+            *o = top + (bottom - top) * fy;
+        }
+    }
+    let labels = s.labels.clone();
+    for (o, &(y, x)) in s.labels.iter_mut().zip(&map) {
+        let (y, x) = (y.round(), x.round());
+        *o = if (0.0..=last).contains(&y) && (0.0..=last).contains(&x) {
+            labels[y as usize * n + x as usize]
+        } else {
+            0
+        };
     }
 }
 
@@ -284,6 +446,95 @@ mod tests {
                 }
             }
             assert_ne!(s, sample(), "{aug:?} changed nothing");
+        }
+    }
+
+    /// A 16x16 sample whose image is its label map (a disc of kidney with a tumor).
+    fn disc() -> Sample {
+        let n = 16;
+        let labels: Vec<u8> = (0..n * n)
+            .map(|i| {
+                let (y, x) = ((i / n) as f64 - 7.0, (i % n) as f64 - 6.0);
+                let r = (y * y + x * x).sqrt();
+                if r < 2.0 {
+                    2
+                } else if r < 5.0 {
+                    1
+                } else {
+                    0
+                }
+            })
+            .collect();
+        Sample {
+            image: labels.iter().map(|&l| f32::from(l)).collect(),
+            labels,
+            channels: 1,
+            size: n,
+        }
+    }
+
+    #[test]
+    fn an_integer_shift_moves_images_and_labels_exactly_together() {
+        let mut s = disc();
+        // a pure shift of (2, -3): bilinear sampling at whole pixels is exact
+        warp(&mut s, |y, x| (y - 2.0, x + 3.0));
+        let orig = disc();
+        for y in 0..16 {
+            for x in 0..16 {
+                let l = s.labels[y * 16 + x];
+                let (sy, sx) = (y as i64 - 2, x as i64 + 3);
+                let want = if (0..16).contains(&sy) && (0..16).contains(&sx) {
+                    orig.labels[sy as usize * 16 + sx as usize]
+                } else {
+                    0
+                };
+                assert_eq!(l, want, "({y}, {x})");
+                if (0..16).contains(&sy) && (0..16).contains(&sx) {
+                    assert_eq!(s.image[y * 16 + x], f32::from(l), "({y}, {x})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn affine_and_elastic_warps_keep_labels_on_their_image() {
+        for aug in [
+            Augment {
+                affine: Some(Affine {
+                    p: 1.0,
+                    rotate: 30.0,
+                    scale: 0.2,
+                    shift: 0.1,
+                }),
+                ..Default::default()
+            },
+            Augment {
+                elastic: Some(Elastic {
+                    p: 1.0,
+                    sigma: 2.0,
+                    grid: 3,
+                }),
+                ..Default::default()
+            },
+        ] {
+            let mut s = disc();
+            aug.apply(&mut s, &mut sample_rng(4, 0, 1), |_| None);
+            assert_ne!(s.labels, disc().labels, "{aug:?} moved nothing");
+            // where the label is kidney or tumor, the (interpolated) image agrees to
+            // within a label step; a misaligned map would put labels over background
+            let agree = s
+                .labels
+                .iter()
+                .zip(&s.image)
+                .filter(|&(&l, &v)| (f32::from(l) - v).abs() < 1.0)
+                .count();
+            assert!(agree >= 16 * 16 * 9 / 10, "{agree} of 256 agree: {aug:?}");
+            let kidney = s.labels.iter().filter(|&&l| l > 0).count();
+            let before = disc().labels.iter().filter(|&&l| l > 0).count();
+            assert!(
+                kidney * 2 > before && kidney < before * 2,
+                "{kidney} vs {before}"
+            );
         }
     }
 

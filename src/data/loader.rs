@@ -82,11 +82,7 @@ pub fn batch(
         let img = store.images(case)?;
         let lab = store.labels(case)?;
         Ok(Sample {
-            image: img
-                .slice(ndarray::s![row, .., .., ..])
-                .iter()
-                .copied()
-                .collect(),
+            image: img.row(row),
             labels: lab
                 .slice(ndarray::s![row, .., ..])
                 .iter()

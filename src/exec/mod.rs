@@ -91,10 +91,12 @@ impl Default for RunOptions {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     Ran {
+        key: String,
         output: String,
         seconds: f64,
     },
     Cached {
+        key: String,
         output: String,
     },
     Failed {
@@ -239,6 +241,7 @@ pub fn run(
                         reporter.event(Event::Cached { id });
                         digests[i] = Some(entry.manifest.output.clone());
                         outcomes[i] = Some(Outcome::Cached {
+                            key: key.key.clone(),
                             output: entry.manifest.output.clone(),
                         });
                         state[i] = State::Done {
@@ -299,6 +302,7 @@ pub fn run(
                     reporter.event(Event::Finished { id, seconds });
                     digests[i] = Some(entry.manifest.output.clone());
                     outcomes[i] = Some(Outcome::Ran {
+                        key: key.key.clone(),
                         output: entry.manifest.output.clone(),
                         seconds,
                     });

@@ -8,7 +8,7 @@ use burn::tensor::{Device, Tensor};
 /// 3x3 'same' convolution, optional batch norm, ReLU.
 #[derive(Module, Debug)]
 pub struct ConvBnRelu {
-    conv: Conv2d,
+    pub(crate) conv: Conv2d,
     norm: Option<BatchNorm>,
     relu: Relu,
 }

@@ -7,13 +7,17 @@
 //! V2 adds a 3x3 'same' conv + ReLU after each transposed convolution but the last.
 //!
 //! Pretrained ImageNet weights for the encoder come from the user (`pretrained` in the
-//! train stage, safetensors); without them the encoder trains from scratch.
+//! train stage: a safetensors file with torchvision's VGG16 names, `features.N.weight`
+//! and `features.N.bias`); they are loaded by [`Fcn::load_vgg16`] and frozen. Without
+//! them the encoder trains from scratch.
 
-use burn::module::Module;
+use std::path::Path;
+
+use burn::module::{Module, Param};
 use burn::nn::Relu;
 use burn::nn::conv::ConvTranspose2d;
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
-use burn::tensor::{Device, Tensor};
+use burn::tensor::{Device, Tensor, TensorData};
 
 use super::blocks::{ConvBnRelu, up_conv};
 
@@ -112,5 +116,119 @@ impl Fcn {
     /// Parameters of the VGG16 encoder (frozen when pretrained).
     pub fn encoder_params(&self) -> usize {
         self.encoder.iter().flatten().map(Module::num_params).sum()
+    }
+
+    /// The encoder stops learning (its parameters get no gradients).
+    pub fn freeze_encoder(mut self) -> Self {
+        self.encoder = self
+            .encoder
+            .into_iter()
+            .map(|block| block.into_iter().map(Module::freeze).collect())
+            .collect();
+        self
+    }
+
+    /// Loads the 13 encoder convolutions from a torchvision-named VGG16 safetensors file
+    /// (`features.{0,2,5,7,10,12,14,17,19,21,24,26,28}`, float32, float16 or bfloat16).
+    /// ImageNet's first layer sees 3 channels; for `c` input channels its kernels are
+    /// adapted as timm does: summed for 1, else repeated and scaled by 3 / c.
+    pub fn load_vgg16(mut self, path: &Path, device: &Device) -> Result<Self, String> {
+        const FEATURES: [usize; 13] = [0, 2, 5, 7, 10, 12, 14, 17, 19, 21, 24, 26, 28];
+        let bytes = std::fs::read(path).map_err(|e| e.to_string())?;
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
+        let read = |name: &str| -> Result<(Vec<f32>, Vec<usize>), String> {
+            let t = file
+                .tensor(name)
+                .map_err(|_| format!("no tensor `{name}` (expected torchvision's VGG16 names)"))?;
+            let data = t.data();
+            let values = match t.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => return Err(format!("`{name}` is {other:?}; expected a float type")),
+            };
+            Ok((values, t.shape().to_vec()))
+        };
+        let convs = self.encoder.iter_mut().flatten();
+        for (i, (layer, index)) in convs.zip(FEATURES).enumerate() {
+            let (w, b) = (
+                format!("features.{index}.weight"),
+                format!("features.{index}.bias"),
+            );
+            let (mut weight, mut shape) = read(&w)?;
+            let want = layer.conv.weight.shape().dims::<4>().to_vec();
+            if i == 0 && shape.len() == 4 && shape[1] != want[1] {
+                (weight, shape) = adapt_input_channels(&weight, &shape, want[1]);
+            }
+            if shape != want {
+                return Err(format!(
+                    "`{w}` has shape {shape:?}; the encoder needs {want:?}"
+                ));
+            }
+            let (bias, bias_shape) = read(&b)?;
+            if bias_shape != [want[0]] || layer.conv.bias.is_none() {
+                return Err(format!(
+                    "`{b}` has shape {bias_shape:?}; the encoder needs [{}]",
+                    want[0]
+                ));
+            }
+            let tensor = |v: Vec<f32>, s: Vec<usize>| TensorData::new(v, s);
+            layer.conv.weight =
+                Param::from_tensor(Tensor::from_data(tensor(weight, shape), device));
+            layer.conv.bias = Some(Param::from_tensor(Tensor::from_data(
+                tensor(bias, bias_shape),
+                device,
+            )));
+        }
+        Ok(self)
+    }
+}
+
+/// A first-layer kernel `[out, 3, kh, kw]` for `c` input channels (timm's
+/// `adapt_input_conv`): summed over RGB for 1 channel, else RGB repeated to `c` and
+/// scaled by 3 / c, so a grey input gives the response an RGB one would.
+fn adapt_input_channels(w: &[f32], shape: &[usize], c: usize) -> (Vec<f32>, Vec<usize>) {
+    let (out, cin, k) = (shape[0], shape[1], shape[2] * shape[3]);
+    let mut v = vec![0.0f32; out * c * k];
+    for o in 0..out {
+        for ch in 0..c {
+            let dst = &mut v[(o * c + ch) * k..][..k];
+            if c == 1 {
+                for src in 0..cin {
+                    let from = &w[(o * cin + src) * k..][..k];
+                    dst.iter_mut().zip(from).for_each(|(d, s)| *d += s);
+                }
+            } else {
+                let from = &w[(o * cin + ch % cin) * k..][..k];
+                let scale = cin as f32 / c as f32;
+                dst.iter_mut().zip(from).for_each(|(d, s)| *d = s * scale);
+            }
+        }
+    }
+    (v, vec![out, c, shape[2], shape[3]])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn first_layer_kernels_adapt_to_the_input_channels() {
+        // one output, 3 input channels, 1x1 kernels: r=1, g=2, b=4
+        let w = [1.0, 2.0, 4.0];
+        let (grey, shape) = adapt_input_channels(&w, &[1, 3, 1, 1], 1);
+        assert_eq!((grey, shape), (vec![7.0], vec![1, 1, 1, 1]));
+        let (five, shape) = adapt_input_channels(&w, &[1, 3, 1, 1], 5);
+        assert_eq!(shape, [1, 5, 1, 1]);
+        assert_eq!(five, [0.6, 1.2, 2.4, 0.6, 1.2]);
     }
 }

@@ -96,6 +96,22 @@ impl Network {
             Network::LinkNet(m) => m.forward(x),
         }
     }
+
+    /// FCN: the VGG16 encoder from a torchvision-named safetensors file.
+    pub fn load_vgg16(self, path: &std::path::Path, device: &Device) -> Result<Self, String> {
+        match self {
+            Network::Fcn(f) => f.load_vgg16(path, device).map(Network::Fcn),
+            _ => Err("pretrained VGG16 weights fit the FCN models only".into()),
+        }
+    }
+
+    /// Freezes what `config` says is frozen (again after any load of weights).
+    pub fn frozen_as(self, config: &ModelConfig) -> Self {
+        match self {
+            Network::Fcn(f) if config.freeze_encoder => Network::Fcn(f.freeze_encoder()),
+            other => other,
+        }
+    }
 }
 
 impl ModelConfig {

@@ -42,6 +42,9 @@ pub struct Evaluate {
     pub examples: usize,
     #[serde(default)]
     pub backend: BackendKind,
+    /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
 }
 
 fn default_batch() -> usize {
@@ -139,12 +142,8 @@ impl Stage for Evaluate {
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let store = SliceStore::open(ctx.input(&self.slices)?).map_err(StageError::other)?;
-        let split = super::split::SplitFile::read(ctx.input(&self.part)?)?;
-        let port = self.part.port().unwrap_or("eval");
-        let cases = split
-            .part(port)
-            .ok_or_else(|| StageError::Failed(format!("`{}` is not a split part", self.part)))?
-            .to_vec();
+        let cases = super::split::SplitFile::read(ctx.input(&self.part)?)?
+            .cases(&self.part, "eval", self.fold)?;
         let device = backend::device(self.backend, 0).map_err(StageError::Failed)?;
         let (net, file) =
             load_network(&ctx.input_dir(&self.model)?, &device).map_err(StageError::other)?;

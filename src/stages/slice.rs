@@ -12,6 +12,7 @@
 //! non-square = "pad"        # or "stretch"
 //! keep-empty = 1.0          # fraction of slices without kidney or tumor kept (seeded)
 //! context = 0               # k neighbouring slices each side as extra channels (2.5D)
+//! storage = "float32"       # or "float16" images (half the size)
 //! ```
 //!
 //! The order of work is: HU window, normalisation, then padding and resizing. Cases run
@@ -28,7 +29,9 @@ use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::data::kits::CaseTable;
 use crate::data::nifti::Volume;
 use crate::data::resample::Filter;
-use crate::data::slices::{NonSquare, Normalization, SliceMeta, SlicedCase, prepare_case};
+use crate::data::slices::{
+    F16, NonSquare, Normalization, SliceMeta, SlicedCase, StorageType, prepare_case,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -60,6 +63,9 @@ pub struct Slice {
     pub keep_empty: f64,
     #[serde(default)]
     pub context: usize,
+    /// `"float32"` or `"float16"` images.
+    #[serde(default, skip_serializing_if = "StorageType::is_default")]
+    pub storage: StorageType,
 }
 
 fn default_window() -> [f64; 2] {
@@ -159,6 +165,7 @@ impl Stage for Slice {
             normalization,
             filter: self.resize,
             non_square: self.non_square,
+            storage: self.storage,
             cases: results.iter().map(|(c, _)| c.clone()).collect(),
         };
         let path = ctx.out.join(SliceMeta::FILE);
@@ -245,7 +252,14 @@ impl Slice {
             .map_err(|e| StageError::Failed(e.to_string()))?;
         let label_out = Array3::from_shape_vec((n, s, s), label_out)
             .map_err(|e| StageError::Failed(e.to_string()))?;
-        ndarray_npy::write_npy(dir.join("image.npy"), &images).map_err(StageError::other)?;
+        match self.storage {
+            StorageType::Float32 => ndarray_npy::write_npy(dir.join("image.npy"), &images),
+            StorageType::Float16 => ndarray_npy::write_npy(
+                dir.join("image.npy"),
+                &images.mapv(|v| F16(half::f16::from_f32(v))),
+            ),
+        }
+        .map_err(StageError::other)?;
         ndarray_npy::write_npy(dir.join("labels.npy"), &label_out).map_err(StageError::other)?;
         let sliced = SlicedCase {
             id: case.id.clone(),

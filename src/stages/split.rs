@@ -6,11 +6,17 @@
 //! input = "load"            # a case table (load) or a slice store (slice)
 //! ratios = [0.7, 0.2, 0.1]  # train : test : eval, summing to 1
 //! stratify = "tumor"        # "none", "tumor" (has tumor) or "tumor-size" (terciles)
+//! folds = 5                 # optional: k-fold cross-validation, as nnU-Net's
 //! ```
 //!
 //! Downstream stages reference `split.train`, `split.test` and `split.eval`. Part sizes
 //! follow the largest-remainder rule; every part gets at least one case, or the stage
 //! fails. The shuffle is seeded by the stage seed.
+//!
+//! With `folds = k`, `eval` keeps its share (`ratios[2]`) as a held-out set and the other
+//! cases are dealt into k stratified folds; a train or evaluate stage with `fold = i`
+//! then reads `split.test` as fold i and `split.train` as the other folds (sweep
+//! `fold = [0, 1, 2, 3, 4]` for the k runs). Without `fold`, `train`/`test` are fold 0's.
 
 use std::path::Path;
 
@@ -41,6 +47,9 @@ pub struct Split {
     pub ratios: [f64; 3],
     #[serde(default)]
     pub stratify: Stratify,
+    /// k-fold cross-validation over the non-eval cases.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<usize>,
 }
 
 fn default_ratios() -> [f64; 3] {
@@ -53,6 +62,9 @@ pub struct SplitFile {
     pub train: Vec<String>,
     pub test: Vec<String>,
     pub eval: Vec<String>,
+    /// With `folds = k`: the k folds of the non-eval cases (`train`/`test` are fold 0's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub folds: Vec<Vec<String>>,
 }
 
 impl SplitFile {
@@ -73,6 +85,48 @@ impl SplitFile {
             "eval" => Some(&self.eval),
             _ => None,
         }
+    }
+
+    /// The cases a stage reads through `reference` (`split.<part>`, `default` when it
+    /// names no part), for cross-validation fold `fold`: its `test` is that fold and its
+    /// `train` every other fold.
+    pub fn cases(
+        &self,
+        reference: &StageRef,
+        default: &str,
+        fold: Option<usize>,
+    ) -> Result<Vec<String>, StageError> {
+        let name = reference.port().unwrap_or(default);
+        let part = self
+            .part(name)
+            .ok_or_else(|| StageError::Failed(format!("`{reference}` is not a split part")))?;
+        let Some(i) = fold else {
+            return Ok(part.to_vec());
+        };
+        if i >= self.folds.len() {
+            return Err(StageError::Failed(format!(
+                "`fold = {i}`, but `{}` has {} folds{}",
+                reference.stage(),
+                self.folds.len(),
+                if self.folds.is_empty() {
+                    " (give the split stage `folds = k`)"
+                } else {
+                    ""
+                }
+            )));
+        }
+        Ok(match name {
+            "test" => self.folds[i].clone(),
+            "train" => {
+                let mut v: Vec<String> = (0..self.folds.len())
+                    .filter(|&f| f != i)
+                    .flat_map(|f| self.folds[f].iter().cloned())
+                    .collect();
+                v.sort();
+                v
+            }
+            _ => part.to_vec(),
+        })
     }
 }
 
@@ -95,6 +149,9 @@ impl Stage for Split {
                 format!("ratios sum to {sum}, not 1"),
             ));
         }
+        if self.folds.is_some_and(|k| k < 2) {
+            issues.push(ParamIssue::new("folds", "k-fold needs at least 2 folds"));
+        }
         issues
     }
 
@@ -110,7 +167,10 @@ impl Stage for Split {
                 "`stratify = \"tumor-size\"` needs a case table (a load stage) as input".into(),
             ));
         }
-        let split = split_cases(&cases, self.ratios, self.stratify, ctx.seed)?;
+        let split = match self.folds {
+            None => split_cases(&cases, self.ratios, self.stratify, ctx.seed)?,
+            Some(k) => fold_cases(&cases, self.ratios[2], k, self.stratify, ctx.seed)?,
+        };
         let path = ctx.out.join(SplitFile::FILE);
         let text =
             serde_json::to_string_pretty(&split).map_err(|e| StageError::Failed(e.to_string()))?;
@@ -159,8 +219,26 @@ pub fn split_cases(
             "{n} cases cannot be split into 3 non-empty parts"
         )));
     }
-    // Strata, each shuffled, concatenated; then each position goes to the part furthest
-    // behind its target share, so every stratum spreads over the parts in proportion.
+    let order = stratified_order(cases, stratify, seed);
+    let targets = part_sizes(n, ratios)?;
+    let [train, test, eval] = deal(cases, &order, &ratios, &targets)
+        .try_into()
+        .expect("3 parts");
+    Ok(SplitFile {
+        train,
+        test,
+        eval,
+        folds: vec![],
+    })
+}
+
+/// Cases in stratified, shuffled order: strata each shuffled and concatenated, so
+/// dealing them in turn spreads every stratum over the parts in proportion.
+fn stratified_order(
+    cases: &[(String, bool, Option<u64>)],
+    stratify: Stratify,
+    seed: u64,
+) -> Vec<usize> {
     let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
     let mut sizes: Vec<u64> = cases
         .iter()
@@ -181,27 +259,73 @@ pub fn split_cases(
             Stratify::TumorSize => tercile(c.2.unwrap_or(0)),
         }
     };
-    let mut order: Vec<usize> = (0..n).collect();
+    let mut order: Vec<usize> = (0..cases.len()).collect();
     order.sort_by(|&a, &b| cases[a].0.cmp(&cases[b].0));
     order.shuffle(&mut rng);
     order.sort_by_key(|&i| stratum(&cases[i]));
-    let targets = part_sizes(n, ratios)?;
-    let mut parts: [Vec<String>; 3] = Default::default();
+    order
+}
+
+/// Deals the cases of `order` into parts of sizes `targets`: each position goes to the
+/// part furthest behind its share (`shares`); each part's ids sorted.
+fn deal(
+    cases: &[(String, bool, Option<u64>)],
+    order: &[usize],
+    shares: &[f64],
+    targets: &[usize],
+) -> Vec<Vec<String>> {
+    let mut parts = vec![Vec::new(); targets.len()];
     for (pos, &i) in order.iter().enumerate() {
-        let p = (0..3)
+        let p = (0..targets.len())
             .filter(|&p| parts[p].len() < targets[p])
             .max_by(|&a, &b| {
-                let deficit = |p: usize| ratios[p] * (pos + 1) as f64 - parts[p].len() as f64;
+                let deficit = |p: usize| shares[p] * (pos + 1) as f64 - parts[p].len() as f64;
                 deficit(a).total_cmp(&deficit(b)).then(b.cmp(&a))
             })
-            .expect("targets sum to n");
+            .expect("targets sum to the case count");
         parts[p].push(cases[i].0.clone());
     }
     for p in &mut parts {
         p.sort();
     }
-    let [train, test, eval] = parts;
-    Ok(SplitFile { train, test, eval })
+    parts
+}
+
+/// k-fold cross-validation: a held-out `eval` share, the rest in `k` stratified folds
+/// of near-equal size; `train`/`test` are fold 0's.
+pub fn fold_cases(
+    cases: &[(String, bool, Option<u64>)],
+    eval_share: f64,
+    k: usize,
+    stratify: Stratify,
+    seed: u64,
+) -> Result<SplitFile, StageError> {
+    let n = cases.len();
+    let n_eval = ((eval_share * n as f64).round() as usize).max(1);
+    if k < 2 || n < n_eval + k {
+        return Err(StageError::Failed(format!(
+            "{n} cases cannot give an eval part and {k} non-empty folds"
+        )));
+    }
+    let order = stratified_order(cases, stratify, seed);
+    let rest = n - n_eval;
+    let mut shares = vec![(1.0 - eval_share) / k as f64; k];
+    shares.push(eval_share);
+    let mut targets: Vec<usize> = (0..k)
+        .map(|f| rest / k + usize::from(f < rest % k))
+        .collect();
+    targets.push(n_eval);
+    let mut parts = deal(cases, &order, &shares, &targets);
+    let eval = parts.pop().expect("eval part");
+    let mut file = SplitFile {
+        train: vec![],
+        test: vec![],
+        eval,
+        folds: parts,
+    };
+    file.test = file.folds[0].clone();
+    file.train = file.cases(&StageRef("split.train".into()), "train", Some(0))?;
+    Ok(file)
 }
 
 /// Largest-remainder part sizes, each at least 1.
@@ -295,6 +419,68 @@ mod tests {
                 .count()
         };
         assert_eq!((free(&a.train), free(&a.test), free(&a.eval)), (7, 2, 1));
+    }
+
+    #[test]
+    fn folds_partition_the_non_eval_cases_and_give_each_fold_its_train_part() {
+        let c = cases(23);
+        let s = fold_cases(&c, 0.1, 5, Stratify::Tumor, 3).unwrap();
+        assert_eq!(s, fold_cases(&c, 0.1, 5, Stratify::Tumor, 3).unwrap());
+        assert_eq!(s.eval.len(), 2);
+        let sizes: Vec<usize> = s.folds.iter().map(Vec::len).collect();
+        assert_eq!(sizes, [5, 4, 4, 4, 4]);
+        let mut all: Vec<&String> = s.folds.iter().flatten().chain(&s.eval).collect();
+        all.sort();
+        all.dedup();
+        assert_eq!(all.len(), 23, "folds and eval are disjoint and complete");
+        let split = StageRef("split".into());
+        for f in 0..5 {
+            let test = s
+                .cases(&StageRef("split.test".into()), "train", Some(f))
+                .unwrap();
+            let train = s.cases(&split, "train", Some(f)).unwrap();
+            assert_eq!(test, s.folds[f]);
+            assert_eq!(train.len() + test.len(), 21);
+            assert!(
+                train
+                    .iter()
+                    .all(|id| !test.contains(id) && !s.eval.contains(id))
+            );
+            let eval = s
+                .cases(&StageRef("split.eval".into()), "train", Some(f))
+                .unwrap();
+            assert_eq!(eval, s.eval, "eval is held out from every fold");
+        }
+        assert_eq!(
+            (s.train.clone(), s.test.clone()),
+            (
+                s.cases(&split, "train", Some(0)).unwrap(),
+                s.folds[0].clone()
+            )
+        );
+        let err = s.cases(&split, "train", Some(5)).unwrap_err().to_string();
+        assert!(err.contains("has 5 folds"), "{err}");
+        let plain = split_cases(&c, [0.7, 0.2, 0.1], Stratify::Tumor, 3).unwrap();
+        let err = plain
+            .cases(&split, "train", Some(0))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("folds = k"), "{err}");
+        // stratified: the 5 tumor-free cases spread over the folds
+        let free: Vec<usize> = s
+            .folds
+            .iter()
+            .map(|f| {
+                f.iter()
+                    .filter(|id| c.iter().any(|x| &x.0 == *id && !x.1))
+                    .count()
+            })
+            .collect();
+        assert!(
+            free.iter().max().unwrap() - free.iter().min().unwrap() <= 1,
+            "{free:?}"
+        );
+        assert!(fold_cases(&cases(5), 0.1, 5, Stratify::Tumor, 3).is_err());
     }
 
     #[test]

@@ -24,6 +24,8 @@
 //! shuffle-buffer = 200        # the study's buffer; absent: a full shuffle per epoch
 //! augment = { flip-horizontal = 0.5, flip-vertical = 0.5 }
 //! init-from = "train"         # continue from another train stage's weights
+//! pretrained = "vgg16.safetensors"  # FCN only: ImageNet VGG16 encoder weights
+//!                             # (torchvision names), loaded and frozen
 //! backend = "cpu"             # or "gpu" (burn-wgpu; build with `--features gpu`)
 //! ```
 //!
@@ -87,6 +89,12 @@ pub struct Train {
     pub init_from: Option<StageRef>,
     #[serde(default)]
     pub backend: BackendKind,
+    /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fold: Option<usize>,
+    /// FCN: VGG16 encoder weights (safetensors, torchvision names), loaded and frozen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pretrained: Option<std::path::PathBuf>,
 }
 
 fn default_model() -> ModelKind {
@@ -132,8 +140,27 @@ impl Stage for Train {
     const KIND: &'static str = "train";
     const USES_DEVICE: bool = true;
 
-    fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {
+    fn check(&self, ctx: &CheckContext) -> Vec<ParamIssue> {
         let mut issues = Vec::new();
+        if let Some(p) = &self.pretrained {
+            if !matches!(self.model, ModelKind::Fcn8s | ModelKind::Fcn8sV2) {
+                issues.push(ParamIssue::new(
+                    "pretrained",
+                    "pretrained VGG16 weights fit `fcn8s` and `fcn8s-v2` only",
+                ));
+            } else if self.batch_norm {
+                issues.push(ParamIssue::new(
+                    "pretrained",
+                    "VGG16's weights have no batch norm: set `batch-norm = false`",
+                ));
+            }
+            if !ctx.pipeline_dir.join(p).is_file() {
+                issues.push(ParamIssue::new(
+                    "pretrained",
+                    format!("no file `{}`", ctx.pipeline_dir.join(p).display()),
+                ));
+            }
+        }
         for (key, r) in [("train", &self.train), ("validate", &self.validate)] {
             if r.port().is_none() {
                 issues.push(ParamIssue::new(
@@ -172,6 +199,17 @@ impl Stage for Train {
         issues
     }
 
+    /// The pretrained weights' digest: new weights under the same name retrain.
+    fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
+        let Some(p) = &self.pretrained else {
+            return Ok(serde_json::Value::Null);
+        };
+        let path = ctx.pipeline_dir.join(p);
+        let digest = crate::cache::digest::tree_digest(&path)
+            .map_err(StageError::io("hash pretrained weights", &path))?;
+        Ok(serde_json::json!({ "pretrained": digest.hex }))
+    }
+
     fn inputs(&self) -> Vec<(String, &StageRef)> {
         let mut v = vec![
             ("slices".into(), &self.slices),
@@ -187,12 +225,7 @@ impl Stage for Train {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let store = SliceStore::open(ctx.input(&self.slices)?).map_err(StageError::other)?;
         let part = |r: &StageRef| -> Result<Vec<String>, StageError> {
-            let split = SplitFile::read(ctx.input(r)?)?;
-            let port = r.port().unwrap_or("train");
-            split
-                .part(port)
-                .map(<[String]>::to_vec)
-                .ok_or_else(|| StageError::Failed(format!("`{r}` is not a split part")))
+            SplitFile::read(ctx.input(r)?)?.cases(r, "train", self.fold)
         };
         let (train, val) = (
             slices_of(&store, &part(&self.train)?).map_err(StageError::Failed)?,
@@ -204,7 +237,7 @@ impl Stage for Train {
             base: self.base,
             batch_norm: self.batch_norm,
             up_kernel: self.up_kernel,
-            freeze_encoder: false,
+            freeze_encoder: self.pretrained.is_some(),
         };
         if !store.meta.size.is_multiple_of(model.size_multiple()) {
             return Err(StageError::Failed(format!(
@@ -235,6 +268,7 @@ impl Stage for Train {
             shuffle: self.shuffle_buffer.map_or(Shuffle::Full, Shuffle::Buffer),
             augment: &self.augment,
             init_from,
+            pretrained: self.pretrained.as_ref().map(|p| ctx.pipeline_dir.join(p)),
             device,
             seed: ctx.seed,
         };

@@ -57,6 +57,8 @@ pub struct Fit<'a> {
     pub augment: &'a Augment,
     /// Weights (safetensors) to start from.
     pub init_from: Option<PathBuf>,
+    /// FCN: VGG16 encoder weights to load and freeze.
+    pub pretrained: Option<PathBuf>,
     pub device: Device,
     pub seed: u64,
 }
@@ -155,6 +157,18 @@ pub fn fit(
     let device = f.device.clone().autodiff();
     device.seed(f.seed);
     let mut model: Network = f.model.init(&device);
+    match &f.pretrained {
+        Some(path) => {
+            model = model
+                .load_vgg16(path, &device)
+                .map_err(file_err("load VGG16 weights from", path))?;
+            tracing::info!(path = %path.display(), "VGG16 encoder loaded from pretrained weights, frozen");
+        }
+        None if matches!(model, Network::Fcn(_)) => {
+            tracing::warn!("no `pretrained` VGG16 weights: the FCN encoder trains from scratch");
+        }
+        None => {}
+    }
     if let Some(path) = &f.init_from {
         let mut st = SafetensorsStore::from_file(path.clone());
         model
@@ -177,6 +191,7 @@ pub fn fit(
             ),
         }
     }
+    let mut model = model.frozen_as(&f.model);
     let batches_per_epoch = train.len().div_ceil(f.batch_size) as u64;
     let total = batches_per_epoch * f.epochs as u64;
     for epoch in rows.len()..f.epochs {
