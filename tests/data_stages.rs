@@ -303,7 +303,12 @@ fn unexpected_labels_fail_naming_the_case_and_cache_nothing() {
     let p = Project::new();
     let kits = kits_folder(&p, 3);
     let seg = kits.join("case_00001/segmentation.nii.gz");
-    let (mut labels, _) = Volume::read(&seg).unwrap().to_labels().unwrap();
+    let mut labels = Volume::read(&seg)
+        .unwrap()
+        .to_labels()
+        .unwrap()
+        .0
+        .into_owned();
     labels[0] = 3;
     labels[1] = 3;
     labels[2] = 7;
@@ -358,7 +363,12 @@ fn editing_a_volume_of_a_folder_reruns_load() {
     assert_eq!(p.run(&["run", "p.toml"]).0, 0);
     std::thread::sleep(std::time::Duration::from_millis(20));
     let seg = kits.join("case_00000/segmentation.nii.gz");
-    let (labels, _) = Volume::read(&seg).unwrap().to_labels().unwrap();
+    let labels = Volume::read(&seg)
+        .unwrap()
+        .to_labels()
+        .unwrap()
+        .0
+        .into_owned();
     write_labels(&seg, [12, 24, 24], &labels);
     let plan = p.plan(&["p.toml"]);
     assert_eq!(plan[0].1, "run", "{plan:?}");

@@ -381,7 +381,7 @@ fn written_volumes_read_back_with_their_affine_and_spacing() {
     assert_eq!(v.spacing(), [2.5, f64::from(0.8f32), f64::from(0.7f32)]);
     assert_eq!(v.affine()[2][0], -2.5);
     assert_eq!(v.affine()[0][2], f64::from(-0.7f32));
-    assert_eq!(v.to_labels().unwrap().0, data);
+    assert_eq!(*v.to_labels().unwrap().0, data);
 }
 
 fn shared_sample(name: &str) -> Option<PathBuf> {

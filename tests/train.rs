@@ -278,3 +278,42 @@ fn pretrained_vgg16_weights_load_adapted_to_grey_input_and_stay_frozen() {
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("fit `fcn8s` and `fcn8s-v2` only"), "{err}");
 }
+
+#[test]
+fn a_fold_sweep_trains_one_arm_per_cross_validation_fold() {
+    let p = Project::new();
+    let cv = TINY
+        .replace(
+            "ratios = [0.6, 0.2, 0.2]",
+            "ratios = [0.6, 0.2, 0.2]\nfolds = 2",
+        )
+        .replace("epochs = 4", "epochs = 1")
+        + "\n[stages.train.sweep]\nfold = [0, 1]\n";
+    p.write("p.toml", &cv);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let arms: Vec<String> = ran(&err)
+        .into_iter()
+        .filter(|id| id.starts_with("train["))
+        .collect();
+    assert_eq!(arms, ["train[fold=0]", "train[fold=1]"]);
+    let split: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            p.entries()
+                .into_iter()
+                .map(|e| e.join("out/split.json"))
+                .find(|f| f.exists())
+                .unwrap(),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let folds = split["folds"].as_array().unwrap();
+    assert_eq!(folds.len(), 2);
+    assert_eq!(split["eval"].as_array().unwrap().len(), 1);
+    // a fold past the split's count fails the arm, naming the count
+    p.write("p.toml", &cv.replace("fold = [0, 1]", "fold = [0, 2]"));
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("`fold = 2`, but `split` has 2 folds"), "{err}");
+}

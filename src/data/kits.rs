@@ -258,7 +258,7 @@ fn check_case(
     let mut counts = [0u64; 3];
     let mut outside: Vec<(f64, u64)> = bad;
     let mut extra = BTreeMap::<u8, u64>::new();
-    for &l in &labels {
+    for &l in labels.iter() {
         match l {
             0..=2 => counts[usize::from(l)] += 1,
             other => *extra.entry(other).or_default() += 1,

@@ -320,7 +320,7 @@ pub fn prepare_case(
         }
         Some(seg) => seg.to_labels()?.0,
         // no segmentation (prediction): all background
-        None => vec![0u8; d * h * w],
+        None => vec![0u8; d * h * w].into(),
     };
     // bit 0: kidney, bit 1: tumor, per slice (a vectorisable pass over the labels)
     let mut present = vec![0u8; d];

@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::data::kits::CaseTable;
-use crate::data::nifti::Volume;
+use crate::data::nifti::{ReadBuffers, Volume};
 use crate::data::resample::Filter;
 use crate::data::slices::{
     F16, NonSquare, Normalization, SliceMeta, SlicedCase, StorageType, prepare_case,
@@ -148,8 +148,8 @@ impl Stage for Slice {
         let results: Vec<(SlicedCase, Vec<String>)> = table
             .cases
             .par_iter()
-            .map(|case| {
-                let r = self.slice_case(ctx, input, case, normalization);
+            .map_init(ReadBuffers::default, |bufs, case| {
+                let r = self.slice_case(ctx, input, case, normalization, bufs);
                 ctx.report(
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                     total,
@@ -199,10 +199,11 @@ impl Slice {
         input: &std::path::Path,
         case: &crate::data::kits::CaseRecord,
         norm: Normalization,
+        bufs: &mut ReadBuffers,
     ) -> Result<(SlicedCase, Vec<String>), StageError> {
-        let img =
-            Volume::read(&CaseTable::resolve(input, &case.imaging)).map_err(StageError::other)?;
-        let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation))
+        let img = Volume::read_with(&CaseTable::resolve(input, &case.imaging), bufs)
+            .map_err(StageError::other)?;
+        let seg = Volume::read_with(&CaseTable::resolve(input, &case.segmentation), bufs)
             .map_err(StageError::other)?;
         let shape = img.shape3().map_err(StageError::other)?;
         let p = prepare_case(
@@ -214,7 +215,8 @@ impl Slice {
             self.non_square,
         )
         .map_err(StageError::other)?;
-        drop((img, seg));
+        img.recycle(bufs);
+        seg.recycle(bufs);
         let (d, s, c) = (p.depth, self.size, 2 * self.context + 1);
         let plane = s * s;
         let mut kept = Vec::new();
@@ -300,7 +302,7 @@ fn foreground_stats(
             let (labels, _) = seg.to_labels().map_err(StageError::other)?;
             let values = img.to_f64().map_err(StageError::other)?;
             let (mut n, mut s, mut s2) = (0.0, 0.0, 0.0);
-            for (v, l) in values.iter().zip(&labels) {
+            for (v, l) in values.iter().zip(labels.iter()) {
                 if *l == 1 || *l == 2 {
                     let v = v.clamp(lo, hi);
                     n += 1.0;
