@@ -158,11 +158,11 @@ pub struct ReadBuffers {
 }
 
 impl ReadBuffers {
-    /// A buffer of `len` bytes (contents unspecified: the caller overwrites them).
+    /// A buffer of `len` bytes holding whatever it held before (the caller overwrites
+    /// them all): a reused buffer is neither cleared nor zeroed.
     fn take(&mut self, len: usize) -> Vec<u8> {
         let best = (0..self.spare.len()).max_by_key(|&i| self.spare[i].capacity());
         let mut v = best.map(|i| self.spare.swap_remove(i)).unwrap_or_default();
-        v.clear();
         v.resize(len, 0);
         v
     }
@@ -241,12 +241,12 @@ impl Volume {
         })
     }
 
-    /// The voxel bytes, in file order and byte order.
     /// Hands the volume's memory back for the next read.
     pub fn recycle(self, bufs: &mut ReadBuffers) {
         bufs.spare.push(self.raw);
     }
 
+    /// The voxel bytes, in file order and byte order.
     fn voxels(&self) -> &[u8] {
         &self.raw[self.start..self.start + self.len() * self.datatype.size()]
     }
