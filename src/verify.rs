@@ -222,6 +222,18 @@ pub fn drift(a: &BTreeMap<String, f64>, b: &BTreeMap<String, f64>) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Re-hashes every entry of a cache: (key, stage, None if sound or the problem).
+pub fn verify_cache(cache: &Cache) -> Result<Vec<(String, String, Option<String>)>, CacheError> {
+    Ok(cache
+        .entries()?
+        .into_iter()
+        .map(|e| {
+            let problem = cache.get(&e.manifest.key).err().map(|err| err.to_string());
+            (e.manifest.key.clone(), e.manifest.stage.clone(), problem)
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,16 +278,4 @@ mod tests {
         );
         assert!(metrics_of(tempfile::tempdir().unwrap().path()).is_none());
     }
-}
-
-/// Re-hashes every entry of a cache: (key, stage, None if sound or the problem).
-pub fn verify_cache(cache: &Cache) -> Result<Vec<(String, String, Option<String>)>, CacheError> {
-    Ok(cache
-        .entries()?
-        .into_iter()
-        .map(|e| {
-            let problem = cache.get(&e.manifest.key).err().map(|err| err.to_string());
-            (e.manifest.key.clone(), e.manifest.stage.clone(), problem)
-        })
-        .collect())
 }

@@ -674,7 +674,7 @@ fn inflate(
 ) -> Result<Vec<u8>, NiftiError> {
     let needed = size.or_else(|| {
         let mut prefix = Vec::with_capacity(348);
-        flate2::read::GzDecoder::new(&bytes[..])
+        flate2::read::GzDecoder::new(bytes)
             .take(348)
             .read_to_end(&mut prefix)
             .ok()?;
@@ -693,7 +693,7 @@ fn inflate(
         bufs.spare.push(out);
     }
     let mut out = Vec::with_capacity(needed.unwrap_or(bytes.len() * 4));
-    flate2::read::MultiGzDecoder::new(&bytes[..])
+    flate2::read::MultiGzDecoder::new(bytes)
         .read_to_end(&mut out)
         .map_err(|e| {
             if e.kind() == std::io::ErrorKind::UnexpectedEof {
