@@ -8,26 +8,9 @@ use std::path::Path;
 use common::{Project, ran};
 use kpipe::data::nifti::{Datatype, NewVolume, Volume, write_volume};
 
-const STUDY: &str = r#"
-[pipeline]
-name = "data"
-seed = 11
-
-[stages.load]
-kind = "load"
-source = "synthetic"
-cases = 6
-shape = [24, 48, 48]
-
-[stages.slice]
-kind = "slice"
-input = "load"
-size = 32
-
-[stages.split]
-kind = "split"
-input = "load"
-"#;
+fn study() -> String {
+    common::data_pipeline("data", 11, 6, [24, 48, 48], 32, "", "")
+}
 
 fn entry_of(p: &Project, file: &str) -> std::path::PathBuf {
     p.entries()
@@ -40,7 +23,7 @@ fn entry_of(p: &Project, file: &str) -> std::path::PathBuf {
 #[test]
 fn load_slice_split_run_on_synthetic_data() {
     let p = Project::new();
-    p.write("p.toml", STUDY);
+    p.write("p.toml", &study());
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(ran(&err), ["load", "slice", "split"]);
@@ -91,7 +74,7 @@ fn load_slice_split_run_on_synthetic_data() {
 #[test]
 fn float16_storage_halves_the_images_and_keeps_their_values() {
     let p = Project::new();
-    p.write("p.toml", STUDY);
+    p.write("p.toml", &study());
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     let (code, _, err) = p.run(&["run", "p.toml", "--set", "stages.slice.storage=float16"]);
@@ -158,7 +141,7 @@ fn float16_storage_halves_the_images_and_keeps_their_values() {
 fn the_same_seed_gives_byte_identical_artifacts() {
     let (a, b) = (Project::new(), Project::new());
     for p in [&a, &b] {
-        p.write("p.toml", STUDY);
+        p.write("p.toml", &study());
         let (code, _, err) = p.run(&[
             "run",
             "p.toml",
@@ -170,7 +153,7 @@ fn the_same_seed_gives_byte_identical_artifacts() {
     let lock = |p: &Project| std::fs::read_to_string(p.path().join("p.lock")).unwrap();
     assert_eq!(lock(&a), lock(&b));
     let c = Project::new();
-    c.write("p.toml", &STUDY.replace("seed = 11", "seed = 12"));
+    c.write("p.toml", &study().replace("seed = 11", "seed = 12"));
     c.run(&["run", "p.toml"]);
     let outputs = |p: &Project| -> Vec<String> {
         let v: serde_json::Value = serde_json::from_str(&lock(p)).unwrap();
@@ -191,7 +174,7 @@ fn keep_empty_and_context_shape_the_slices() {
     let p = Project::new();
     p.write(
         "p.toml",
-        &STUDY.replace("size = 32", "size = 32\nkeep-empty = 0.0\ncontext = 1"),
+        &study().replace("size = 32", "size = 32\nkeep-empty = 0.0\ncontext = 1"),
     );
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");

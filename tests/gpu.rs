@@ -110,27 +110,16 @@ fn a_training_step_on_wgpu_matches_flex() {
     let _ = Device::flex();
 }
 
-const GPU_PIPELINE: &str = r#"
-[pipeline]
-name = "gpu"
-seed = 6
-
-[stages.load]
-kind = "load"
-source = "synthetic"
-cases = 4
-shape = [8, 32, 32]
-
-[stages.slice]
-kind = "slice"
-input = "load"
-size = 32
-
-[stages.split]
-kind = "split"
-input = "load"
-ratios = [0.5, 0.25, 0.25]
-
+fn gpu_pipeline() -> String {
+    common::data_pipeline(
+        "gpu",
+        6,
+        4,
+        [8, 32, 32],
+        32,
+        "",
+        "ratios = [0.5, 0.25, 0.25]\n",
+    ) + r#"
 [stages.train]
 kind = "train"
 slices = "slice"
@@ -147,7 +136,8 @@ model = "train"
 slices = "slice"
 part = "split.eval"
 backend = "gpu"
-"#;
+"#
+}
 
 #[test]
 fn a_gpu_pipeline_runs_and_verify_judges_its_nodes_by_their_metrics() {
@@ -155,7 +145,7 @@ fn a_gpu_pipeline_runs_and_verify_judges_its_nodes_by_their_metrics() {
         return;
     }
     let p = common::Project::new();
-    p.write("p.toml", GPU_PIPELINE);
+    p.write("p.toml", &gpu_pipeline());
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     // a lock whose GPU digests differ from this run's: the metrics decide (they agree)

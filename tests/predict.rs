@@ -5,28 +5,16 @@ mod common;
 
 use kpipe::data::nifti::Volume;
 
-const PIPE: &str = r#"
-[pipeline]
-name = "predict"
-seed = 4
-
-[stages.load]
-kind = "load"
-source = "synthetic"
-cases = 7
-shape = [24, 64, 64]
-
-[stages.slice]
-kind = "slice"
-input = "load"
-size = 64
-keep-empty = 0.2
-
-[stages.split]
-kind = "split"
-input = "load"
-ratios = [0.6, 0.2, 0.2]
-
+fn pipe() -> String {
+    common::data_pipeline(
+        "predict",
+        4,
+        7,
+        [24, 64, 64],
+        64,
+        "keep-empty = 0.2\n",
+        "ratios = [0.6, 0.2, 0.2]\n",
+    ) + r#"
 [stages.train]
 kind = "train"
 slices = "slice"
@@ -37,12 +25,13 @@ epochs = 10
 batch-size = 4
 learning-rate = 2e-3
 batch-norm = true
-"#;
+"#
+}
 
 #[test]
 fn predictions_keep_the_geometry_and_find_the_kidneys() {
     let p = common::Project::new();
-    p.write("p.toml", PIPE);
+    p.write("p.toml", &pipe());
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     let entries: Vec<_> = p.entries().into_iter().map(|e| e.join("out")).collect();

@@ -5,28 +5,16 @@ mod common;
 
 use common::{Project, ran};
 
-const SWEEP: &str = r#"
-[pipeline]
-name = "mini-study"
-seed = 7
-
-[stages.load]
-kind = "load"
-source = "synthetic"
-cases = 5
-shape = [16, 32, 32]
-
-[stages.slice]
-kind = "slice"
-input = "load"
-size = 32
-keep-empty = 0.3
-
-[stages.split]
-kind = "split"
-input = "load"
-ratios = [0.6, 0.2, 0.2]
-
+fn sweep_pipeline() -> String {
+    common::data_pipeline(
+        "mini-study",
+        7,
+        5,
+        [16, 32, 32],
+        32,
+        "keep-empty = 0.3\n",
+        "ratios = [0.6, 0.2, 0.2]\n",
+    ) + r#"
 [stages.train]
 kind = "train"
 slices = "slice"
@@ -51,7 +39,8 @@ part = "split.eval"
 kind = "report"
 inputs = ["train", "evaluate"]
 title = "mini study"
-"#;
+"#
+}
 
 fn out_of(p: &Project, file: &str) -> std::path::PathBuf {
     p.entries()
@@ -64,7 +53,7 @@ fn out_of(p: &Project, file: &str) -> std::path::PathBuf {
 #[test]
 fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
     let p = Project::new();
-    p.write("p.toml", SWEEP);
+    p.write("p.toml", &sweep_pipeline());
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(
@@ -125,7 +114,7 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
     // a third arm trains only that arm; the rest is cached or cut off by equal outputs
     p.write(
         "p.toml",
-        &SWEEP.replace(
+        &sweep_pipeline().replace(
             "learning-rate = [1e-2, 1e-5]",
             "learning-rate = [1e-2, 1e-5, 3e-3]",
         ),
@@ -144,7 +133,7 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
     // removing an arm retrains nothing
     p.write(
         "p.toml",
-        &SWEEP.replace("learning-rate = [1e-2, 1e-5]", "learning-rate = [1e-2]"),
+        &sweep_pipeline().replace("learning-rate = [1e-2, 1e-5]", "learning-rate = [1e-2]"),
     );
     let (_, _, err) = p.run(&["run", "p.toml"]);
     assert!(
@@ -156,7 +145,7 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
 #[test]
 fn evaluation_report_metrics_and_verify() {
     let p = Project::new();
-    p.write("p.toml", SWEEP);
+    p.write("p.toml", &sweep_pipeline());
     assert_eq!(p.run(&["run", "p.toml"]).0, 0);
     let eval = out_of(&p, "summary.json");
     let summary: serde_json::Value =

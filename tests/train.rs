@@ -5,28 +5,16 @@ mod common;
 
 use common::{Project, ran};
 
-const TINY: &str = r#"
-[pipeline]
-name = "tiny"
-seed = 5
-
-[stages.load]
-kind = "load"
-source = "synthetic"
-cases = 5
-shape = [16, 32, 32]
-
-[stages.slice]
-kind = "slice"
-input = "load"
-size = 32
-keep-empty = 0.3
-
-[stages.split]
-kind = "split"
-input = "load"
-ratios = [0.6, 0.2, 0.2]
-
+fn tiny() -> String {
+    common::data_pipeline(
+        "tiny",
+        5,
+        5,
+        [16, 32, 32],
+        32,
+        "keep-empty = 0.3\n",
+        "ratios = [0.6, 0.2, 0.2]\n",
+    ) + r#"
 [stages.train]
 kind = "train"
 slices = "slice"
@@ -37,7 +25,8 @@ epochs = 4
 batch-size = 4
 learning-rate = 3e-3
 augment = { flip-horizontal = 0.5 }
-"#;
+"#
+}
 
 fn lock_output(p: &Project, node: &str) -> String {
     let v: serde_json::Value =
@@ -56,7 +45,7 @@ fn train_out(p: &Project) -> std::path::PathBuf {
 #[test]
 fn training_lowers_the_loss_and_writes_weights_config_and_metrics() {
     let p = Project::new();
-    p.write("p.toml", TINY);
+    p.write("p.toml", &tiny());
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     let out = train_out(&p);
@@ -82,13 +71,13 @@ fn training_lowers_the_loss_and_writes_weights_config_and_metrics() {
 fn cpu_training_is_bit_reproducible() {
     let (a, b) = (Project::new(), Project::new());
     for p in [&a, &b] {
-        p.write("p.toml", TINY);
+        p.write("p.toml", &tiny());
         let (code, _, err) = p.run(&["run", "p.toml"]);
         assert_eq!(code, 0, "{err}");
     }
     assert_eq!(lock_output(&a, "train"), lock_output(&b, "train"));
     let c = Project::new();
-    c.write("p.toml", &TINY.replace("seed = 5", "seed = 6"));
+    c.write("p.toml", &tiny().replace("seed = 5", "seed = 6"));
     c.run(&["run", "p.toml"]);
     assert_ne!(lock_output(&a, "train"), lock_output(&c, "train"));
 }
@@ -96,10 +85,10 @@ fn cpu_training_is_bit_reproducible() {
 #[test]
 fn a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run() {
     let whole = Project::new();
-    whole.write("p.toml", TINY);
+    whole.write("p.toml", &tiny());
     assert_eq!(whole.run(&["run", "p.toml"]).0, 0);
     let p = Project::new();
-    p.write("p.toml", TINY);
+    p.write("p.toml", &tiny());
     // a full run, then its training entry removed: the next run trains again with the
     // data stages cached, so the kill lands in training
     assert_eq!(p.run(&["run", "p.toml"]).0, 0);
@@ -150,8 +139,9 @@ fn a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run() {
 fn init_from_continues_from_another_stage_and_gpu_without_the_feature_says_so() {
     let p = Project::new();
     let more = format!(
-        "{TINY}\n[stages.more]\nkind = \"train\"\nslices = \"slice\"\ntrain = \"split.train\"\nvalidate = \"split.test\"\n\
-         base = 4\nepochs = 1\ninit-from = \"train\"\n"
+        "{}\n[stages.more]\nkind = \"train\"\nslices = \"slice\"\ntrain = \"split.train\"\nvalidate = \"split.test\"\n\
+         base = 4\nepochs = 1\ninit-from = \"train\"\n",
+        tiny()
     );
     p.write("p.toml", &more);
     let (code, _, err) = p.run(&["run", "p.toml"]);
@@ -160,7 +150,7 @@ fn init_from_continues_from_another_stage_and_gpu_without_the_feature_says_so() 
     if cfg!(not(feature = "gpu")) {
         p.write(
             "p.toml",
-            &TINY.replace("base = 4", "base = 4\nbackend = \"gpu\""),
+            &tiny().replace("base = 4", "base = 4\nbackend = \"gpu\""),
         );
         let (code, _, err) = p.run(&["run", "p.toml"]);
         assert_eq!(code, 1);
@@ -232,7 +222,7 @@ fn read_tensor(path: &std::path::Path, name: &str) -> Vec<f32> {
 fn pretrained_vgg16_weights_load_adapted_to_grey_input_and_stay_frozen() {
     let p = Project::new();
     let vgg = write_vgg16(&p.path().join("vgg.safetensors"), 4);
-    let fcn = TINY.replace(
+    let fcn = tiny().replace(
         "base = 4\n",
         "base = 4\nmodel = \"fcn8s\"\npretrained = \"vgg.safetensors\"\n",
     );
@@ -282,7 +272,7 @@ fn pretrained_vgg16_weights_load_adapted_to_grey_input_and_stay_frozen() {
 #[test]
 fn a_fold_sweep_trains_one_arm_per_cross_validation_fold() {
     let p = Project::new();
-    let cv = TINY
+    let cv = tiny()
         .replace(
             "ratios = [0.6, 0.2, 0.2]",
             "ratios = [0.6, 0.2, 0.2]\nfolds = 2",

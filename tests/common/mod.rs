@@ -97,3 +97,24 @@ pub fn ran(stderr: &str) -> Vec<String> {
     v.sort();
     v
 }
+
+/// The data half of a test pipeline: `[pipeline]`, a synthetic `load` of `cases` phantoms
+/// of `shape`, a `slice` to `size` (with extra `slice` lines) and a `split` (with extra
+/// lines); tests append their own stages.
+pub fn data_pipeline(
+    name: &str,
+    seed: u64,
+    cases: usize,
+    shape: [usize; 3],
+    size: usize,
+    slice_extra: &str,
+    split_extra: &str,
+) -> String {
+    let [d, h, w] = shape;
+    format!(
+        "\n[pipeline]\nname = \"{name}\"\nseed = {seed}\n\n\
+         [stages.load]\nkind = \"load\"\nsource = \"synthetic\"\ncases = {cases}\nshape = [{d}, {h}, {w}]\n\n\
+         [stages.slice]\nkind = \"slice\"\ninput = \"load\"\nsize = {size}\n{slice_extra}\n\
+         [stages.split]\nkind = \"split\"\ninput = \"load\"\n{split_extra}\n"
+    )
+}
