@@ -307,3 +307,53 @@ fn a_fold_sweep_trains_one_arm_per_cross_validation_fold() {
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("`fold = 2`, but `split` has 2 folds"), "{err}");
 }
+
+#[test]
+fn mixup_trains_and_changes_what_is_learned() {
+    let p = Project::new();
+    let plain = tiny().replace("epochs = 4", "epochs = 2");
+    p.write("p.toml", &plain);
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let without = lock_output(&p, "train");
+    p.write(
+        "p.toml",
+        &plain.replace(
+            "augment = { flip-horizontal = 0.5 }",
+            "augment = { flip-horizontal = 0.5, mixup = { p = 1.0, alpha = 0.4 } }",
+        ),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_ne!(lock_output(&p, "train"), without);
+    let metrics = std::fs::read_to_string(train_out_of(&p, &lock_output(&p, "train"))).unwrap();
+    assert!(
+        metrics.lines().skip(1).all(|l| l
+            .split(',')
+            .nth(2)
+            .unwrap()
+            .parse::<f64>()
+            .unwrap()
+            .is_finite()),
+        "{metrics}"
+    );
+    // a bad alpha is a configuration error
+    p.write(
+        "p.toml",
+        &plain.replace("flip-horizontal = 0.5 }", "mixup = { alpha = 0.0 } }"),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("must be a positive number"), "{err}");
+}
+
+/// The `metrics.csv` of the train entry whose output digest is `digest`.
+fn train_out_of(p: &Project, digest: &str) -> std::path::PathBuf {
+    p.entries()
+        .into_iter()
+        .find(|e| {
+            std::fs::read_to_string(e.join("manifest.json")).is_ok_and(|m| m.contains(digest))
+        })
+        .expect("the entry")
+        .join("out/metrics.csv")
+}

@@ -9,6 +9,7 @@
 //! # training image and keeps this one's labels)
 //! augment = { affine = { p = 0.5, rotate = 15.0, scale = 0.1, shift = 0.05 } }
 //! augment = { elastic = { p = 0.5, sigma = 10.0, grid = 3 } }   # the U-Net paper's
+//! augment = { mixup = { p = 0.5, alpha = 0.2 } }                # per batch
 //! ```
 //!
 //! Warps sample images bilinearly (edges clamped) and labels at the nearest pixel
@@ -41,6 +42,62 @@ pub struct Augment {
     /// Random elastic deformation.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub elastic: Option<Elastic>,
+    /// mixup, per batch (see [`Mixup`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mixup: Option<Mixup>,
+}
+
+/// `mixup = { p = 0.5, alpha = 0.2 }` (Zhang et al. 2018), per batch: with probability
+/// `p`, λ ~ Beta(α, α) and a seeded permutation of the batch; images become
+/// λ·x + (1 − λ)·x[perm] and the loss λ·L(y) + (1 − λ)·L(y[perm]), which for
+/// cross-entropy is the loss of the mixed soft targets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", default, deny_unknown_fields)]
+pub struct Mixup {
+    pub p: f64,
+    pub alpha: f64,
+}
+
+impl Default for Mixup {
+    fn default() -> Self {
+        Mixup { p: 0.5, alpha: 0.2 }
+    }
+}
+
+impl Mixup {
+    /// (λ, permutation) for batch `batch` of `epoch`, or `None` when this batch is not
+    /// mixed; deterministic from (seed, epoch, batch).
+    pub fn draw(
+        &self,
+        seed: u64,
+        epoch: usize,
+        batch: usize,
+        n: usize,
+    ) -> Option<(f32, Vec<usize>)> {
+        let mut rng = sample_rng(seed ^ 0x6d69_7875_70, epoch, batch);
+        if !rng.random_bool(self.p) {
+            return None;
+        }
+        let beta = rand_distr::Beta::new(self.alpha, self.alpha).ok()?;
+        let lambda = beta.sample(&mut rng) as f32;
+        let mut perm: Vec<usize> = (0..n).collect();
+        rand::seq::SliceRandom::shuffle(perm.as_mut_slice(), &mut rng);
+        Some((lambda, perm))
+    }
+
+    /// λ·images + (1 − λ)·images[perm], `per` values a sample.
+    pub fn mix(images: &[f32], per: usize, lambda: f32, perm: &[usize]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(images.len());
+        for (i, &j) in perm.iter().enumerate() {
+            let (a, b) = (&images[i * per..][..per], &images[j * per..][..per]);
+            out.extend(
+                a.iter()
+                    .zip(b)
+                    .map(|(x, y)| lambda * x + (1.0 - lambda) * y),
+            );
+        }
+        out
+    }
 }
 
 /// `affine = { p = 0.5, rotate = 15.0, scale = 0.1, shift = 0.05 }`
@@ -104,6 +161,7 @@ impl Default for Augment {
             sample_pairing: 0.0,
             affine: None,
             elastic: None,
+            mixup: None,
         }
     }
 }
@@ -167,6 +225,14 @@ impl Augment {
             }
             if !(0.0..=0.5).contains(&a.shift) {
                 bad.push(("affine.shift".into(), "must be in [0, 0.5]".into()));
+            }
+        }
+        if let Some(m) = &self.mixup {
+            if !(0.0..=1.0).contains(&m.p) {
+                bad.push(("mixup.p".into(), "a probability must be in [0, 1]".into()));
+            }
+            if !(m.alpha > 0.0 && m.alpha.is_finite()) {
+                bad.push(("mixup.alpha".into(), "must be a positive number".into()));
             }
         }
         if let Some(e) = &self.elastic {
@@ -536,6 +602,26 @@ mod tests {
                 "{kidney} vs {before}"
             );
         }
+    }
+
+    #[test]
+    fn mixup_draws_are_seeded_and_mix_images_by_lambda() {
+        let m = Mixup { p: 1.0, alpha: 0.4 };
+        let (lambda, perm) = m.draw(3, 1, 2, 4).unwrap();
+        assert_eq!(m.draw(3, 1, 2, 4), Some((lambda, perm.clone())));
+        assert_ne!(
+            m.draw(3, 1, 3, 4),
+            Some((lambda, perm.clone())),
+            "another batch, another draw"
+        );
+        assert!((0.0..=1.0).contains(&lambda));
+        let mut sorted = perm.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2, 3]);
+        // two samples of two values: sample 0 mixed with sample 1 and back
+        let mixed = Mixup::mix(&[0.0, 1.0, 10.0, 20.0], 2, 0.25, &[1, 0]);
+        assert_eq!(mixed, [7.5, 15.25, 2.5, 5.75]);
+        assert_eq!(Mixup { p: 0.0, alpha: 0.4 }.draw(3, 1, 2, 4), None);
     }
 
     #[test]

@@ -19,7 +19,7 @@ use burn::store::{ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{Device, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
-use crate::data::augment::Augment;
+use crate::data::augment::{Augment, Mixup};
 use crate::data::loader::{Shuffle, SliceId, batch, epoch_order};
 use crate::data::slices::SliceStore;
 use crate::metrics::SliceScores;
@@ -208,8 +208,25 @@ pub fn fit(
                 train,
             ));
             let data = batch(store, ids, aug).map_err(|e| TrainError::Data(e.to_string()))?;
-            let x = images_tensor(store, &data.images, data.len, &device);
-            let loss = f.loss.forward(model.forward(x), &data.labels);
+            let mixup = f.augment.mixup.as_ref();
+            let loss = match mixup.and_then(|m| m.draw(f.seed, epoch, b, data.len)) {
+                None => {
+                    let x = images_tensor(store, &data.images, data.len, &device);
+                    f.loss.forward(model.forward(x), &data.labels)
+                }
+                Some((lambda, perm)) => {
+                    let per = data.images.len() / data.len;
+                    let mixed = Mixup::mix(&data.images, per, lambda, &perm);
+                    let pixels = data.labels.len() / data.len;
+                    let other: Vec<u8> = perm
+                        .iter()
+                        .flat_map(|&j| data.labels[j * pixels..][..pixels].iter().copied())
+                        .collect();
+                    let logits = model.forward(images_tensor(store, &mixed, data.len, &device));
+                    f.loss.forward(logits.clone(), &data.labels) * lambda
+                        + f.loss.forward(logits, &other) * (1.0 - lambda)
+                }
+            };
             loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * data.len as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
