@@ -74,7 +74,7 @@ impl Mixup {
         batch: usize,
         n: usize,
     ) -> Option<(f32, Vec<usize>)> {
-        let mut rng = sample_rng(seed ^ 0x6d69_7875_70, epoch, batch);
+        let mut rng = sample_rng(seed ^ 0x006d_6978_7570, epoch, batch);
         if !rng.random_bool(self.p) {
             return None;
         }
