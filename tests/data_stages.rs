@@ -12,14 +12,6 @@ fn study() -> String {
     common::data_pipeline("data", 11, 6, [24, 48, 48], 32, "", "")
 }
 
-fn entry_of(p: &Project, file: &str) -> std::path::PathBuf {
-    p.entries()
-        .into_iter()
-        .map(|e| e.join("out"))
-        .find(|o| o.join(file).exists())
-        .unwrap_or_else(|| panic!("no entry with {file}"))
-}
-
 #[test]
 fn load_slice_split_run_on_synthetic_data() {
     let p = Project::new();
@@ -28,7 +20,7 @@ fn load_slice_split_run_on_synthetic_data() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(ran(&err), ["load", "slice", "split"]);
     let cases: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(entry_of(&p, "cases.json").join("cases.json")).unwrap(),
+        &std::fs::read_to_string(p.output_with("cases.json").join("cases.json")).unwrap(),
     )
     .unwrap();
     let cases = cases["cases"].as_array().unwrap();
@@ -44,7 +36,7 @@ fn load_slice_split_run_on_synthetic_data() {
         assert_eq!(counts.iter().sum::<u64>(), 24 * 48 * 48);
         assert!(counts[1] > 0, "every phantom has kidneys");
     }
-    let slices = entry_of(&p, "slices.json");
+    let slices = p.output_with("slices.json");
     let store = kpipe::data::slices::SliceStore::open(&slices).unwrap();
     assert_eq!(store.meta.cases.len(), 6);
     let mut rows = 0;
@@ -64,7 +56,7 @@ fn load_slice_split_run_on_synthetic_data() {
     }
     let index = std::fs::read_to_string(slices.join("index.csv")).unwrap();
     assert_eq!(index.lines().count(), rows + 1);
-    let split = kpipe::stages::split::SplitFile::read(&entry_of(&p, "split.json")).unwrap();
+    let split = kpipe::stages::split::SplitFile::read(&p.output_with("split.json")).unwrap();
     assert_eq!(
         (split.train.len(), split.test.len(), split.eval.len()),
         (4, 1, 1)
@@ -178,7 +170,7 @@ fn keep_empty_and_context_shape_the_slices() {
     );
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
-    let slices = entry_of(&p, "slices.json");
+    let slices = p.output_with("slices.json");
     let store = kpipe::data::slices::SliceStore::open(&slices).unwrap();
     assert_eq!(store.meta.channels, 3);
     let index = std::fs::read_to_string(slices.join("index.csv")).unwrap();
@@ -308,7 +300,7 @@ fn unexpected_labels_fail_naming_the_case_and_cache_nothing() {
     p.write("p.toml", &format!("{LOAD}label-policy = \"background\"\n"));
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
-    let table = kpipe::data::kits::CaseTable::read(&entry_of(&p, "cases.json")).unwrap();
+    let table = kpipe::data::kits::CaseTable::read(&p.output_with("cases.json")).unwrap();
     assert_eq!(table.cases[1].relabelled, 3);
 }
 
@@ -389,7 +381,7 @@ fn non_square_slices_are_padded_to_square() {
     p.write("p.toml", "[pipeline]\nname = \"w\"\n[stages.load]\nkind = \"load\"\npath = \"wide\"\n[stages.slice]\nkind = \"slice\"\ninput = \"load\"\nsize = 16\n");
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
-    let store = kpipe::data::slices::SliceStore::open(&entry_of(&p, "slices.json")).unwrap();
+    let store = kpipe::data::slices::SliceStore::open(&p.output_with("slices.json")).unwrap();
     let lab = store.labels(0).unwrap();
     // 8 rows of 16 padded to 16x16: rows 4..12 are kidney, the rest padding
     let row = |r: usize| lab.slice(ndarray::s![0, r, ..]).to_vec();

@@ -42,14 +42,6 @@ title = "mini study"
 "#
 }
 
-fn out_of(p: &Project, file: &str) -> std::path::PathBuf {
-    p.entries()
-        .into_iter()
-        .map(|e| e.join("out"))
-        .find(|o| o.join(file).exists())
-        .unwrap_or_else(|| panic!("no entry with {file}"))
-}
-
 #[test]
 fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
     let p = Project::new();
@@ -69,7 +61,7 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
             "train[learning-rate=1e-5]"
         ]
     );
-    let sweep = kpipe::stages::sweep::SweepFile::read(&out_of(&p, "sweep.json")).unwrap();
+    let sweep = kpipe::stages::sweep::SweepFile::read(&p.output_with("sweep.json")).unwrap();
     assert_eq!(sweep.arms.len(), 2);
     assert!(sweep.arms[0].selected && !sweep.arms[1].selected);
     assert!(
@@ -77,7 +69,7 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
         "ranked by min val-loss: {:?}",
         sweep.arms.iter().map(|a| a.best).collect::<Vec<_>>()
     );
-    let dir = out_of(&p, "comparison.md");
+    let dir = p.output_with("comparison.md");
     let md = std::fs::read_to_string(dir.join("comparison.md")).unwrap();
     let rows: Vec<&str> = md.lines().skip(2).collect();
     assert_eq!(rows.len(), 2, "{md}");
@@ -106,7 +98,7 @@ fn a_sweep_trains_each_arm_once_ranks_them_and_reports() {
     }
     // the selected arm's artifact is `train.best`
     assert!(
-        out_of(&p, "sweep.json")
+        p.output_with("sweep.json")
             .join("best/model.safetensors")
             .exists()
     );
@@ -147,7 +139,7 @@ fn evaluation_report_metrics_and_verify() {
     let p = Project::new();
     p.write("p.toml", &sweep_pipeline());
     assert_eq!(p.run(&["run", "p.toml"]).0, 0);
-    let eval = out_of(&p, "summary.json");
+    let eval = p.output_with("summary.json");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(eval.join("summary.json")).unwrap()).unwrap();
     for key in [
@@ -165,7 +157,7 @@ fn evaluation_report_metrics_and_verify() {
     let per_case = std::fs::read_to_string(eval.join("per_case.csv")).unwrap();
     assert_eq!(per_case.lines().count(), 2, "one eval case: {per_case}");
 
-    let report = out_of(&p, "report.html");
+    let report = p.output_with("report.html");
     let html = std::fs::read_to_string(report.join("report.html")).unwrap();
     for needle in [
         "Validation IoU per epoch",

@@ -35,11 +35,7 @@ fn lock_output(p: &Project, node: &str) -> String {
 }
 
 fn train_out(p: &Project) -> std::path::PathBuf {
-    p.entries()
-        .into_iter()
-        .map(|e| e.join("out"))
-        .find(|o| o.join("model.safetensors").exists())
-        .expect("a train entry")
+    p.output_with("model.safetensors")
 }
 
 #[test]

@@ -55,6 +55,15 @@ impl Project {
         )
     }
 
+    /// The `out/` folder of the (first) cache entry holding `file`.
+    pub fn output_with(&self, file: &str) -> PathBuf {
+        self.entries()
+            .into_iter()
+            .map(|e| e.join("out"))
+            .find(|o| o.join(file).exists())
+            .unwrap_or_else(|| panic!("no entry with {file}"))
+    }
+
     /// Complete cache entries.
     pub fn entries(&self) -> Vec<PathBuf> {
         let mut v: Vec<PathBuf> = std::fs::read_dir(self.cache().join("entries"))
