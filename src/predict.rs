@@ -10,8 +10,8 @@ use burn::tensor::Device;
 use crate::data::nifti::{Datatype, NewVolume, Volume, write_volume};
 use crate::data::resample::resize_nearest;
 use crate::data::slices::{NonSquare, prepare_case};
+use crate::models::ModelFile;
 use crate::models::Network;
-use crate::stages::train::ModelFile;
 use crate::train::{images_tensor_sized, predict_labels};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,9 +78,25 @@ pub fn predict_volume(
     batch: usize,
 ) -> Result<(), PredictError> {
     let img = Volume::read(input)?;
+    let volume = segment(net, file, device, &img, batch)?;
+    write_labels(&img, &volume, output)
+}
+
+/// The labels of every axial slice of `img`, at its original size, in NIfTI (first
+/// index fastest) order: each slice prepared as the model's slice store was, inferred
+/// in batches of `batch`, argmaxed, and brought back to the slice's own size (nearest;
+/// padding cropped, or the stretch undone). `kpipe predict` and the evaluate stage both
+/// use it, so their labels are the same bytes.
+pub fn segment(
+    net: &Network,
+    file: &ModelFile,
+    device: &Device,
+    img: &Volume,
+    batch: usize,
+) -> Result<Vec<u8>, PredictError> {
     let [d, h, w] = img.shape3()?;
     let m = &file.slices;
-    let p = prepare_case(&img, None, m.normalization, m.size, m.filter, m.non_square)?;
+    let p = prepare_case(img, None, m.normalization, m.size, m.filter, m.non_square)?;
     let (s, c) = (m.size, m.channels);
     let plane = s * s;
     let mut pred = Vec::with_capacity(d * plane);
@@ -120,6 +136,12 @@ pub fn predict_volume(
             }
         }
     }
+    Ok(volume)
+}
+
+/// Writes labels in NIfTI order as a uint8 volume with `img`'s shape and geometry.
+pub fn write_labels(img: &Volume, volume: &[u8], output: &Path) -> Result<(), PredictError> {
+    let [d, h, w] = img.shape3()?;
     let a = img.affine();
     let affine = [0, 1, 2].map(|r| a[r].map(|v| v as f32));
     let sp = img.spacing().map(|v| v as f32);
@@ -133,7 +155,7 @@ pub fn predict_volume(
         &NewVolume {
             shape: [d, h, w],
             datatype: Datatype::U8,
-            data: &volume,
+            data: volume,
             spacing: sp,
             affine,
             description: "kpipe prediction",

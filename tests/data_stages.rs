@@ -393,3 +393,89 @@ fn non_square_slices_are_padded_to_square() {
     assert_eq!(img[[0, 0, 0, 0]], 0.0, "padding is the window's low end");
     assert!((img[[0, 0, 8, 8]] - (200.0 + 79.0) / 383.0).abs() < 1e-6);
 }
+
+#[test]
+fn z_score_statistics_come_from_the_training_cases_only() {
+    let p = common::Project::new();
+    let pipe = |slice_extra: &str| {
+        common::data_pipeline(
+            "zscore",
+            5,
+            6,
+            [16, 32, 32],
+            32,
+            slice_extra,
+            "ratios = [0.5, 0.3, 0.2]\n",
+        )
+    };
+    // without the cases to fit on, or fitted on a held-out part: configuration errors
+    p.write("bad.toml", &pipe("normalize = \"z-score\"\n"));
+    let (code, _, err) = p.run(&["plan", "bad.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("fit-on = \"split.train\""), "{err}");
+    p.write(
+        "leak.toml",
+        &pipe("normalize = \"z-score\"\nfit-on = \"split.eval\"\n"),
+    );
+    let (code, _, err) = p.run(&["plan", "leak.toml"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("leak"), "{err}");
+
+    p.write(
+        "p.toml",
+        &pipe("normalize = \"z-score\"\nfit-on = \"split.train\"\n"),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    let split: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(p.output_with("split.json").join("split.json")).unwrap(),
+    )
+    .unwrap();
+    let data = p.output_with("cases.json").join("data");
+    let (lo, hi) = (-79.0, 304.0);
+    let stats = |cases: &[serde_json::Value]| {
+        let (mut n, mut s, mut s2) = (0.0, 0.0, 0.0);
+        for c in cases {
+            let dir = data.join(c.as_str().unwrap());
+            let img = Volume::read(&dir.join("imaging.nii.gz"))
+                .unwrap()
+                .to_f64()
+                .unwrap();
+            let seg = Volume::read(&dir.join("segmentation.nii.gz"))
+                .unwrap()
+                .to_f64()
+                .unwrap();
+            for (v, l) in img.iter().zip(&seg) {
+                if *l > 0.0 {
+                    let v = v.clamp(lo, hi);
+                    n += 1.0;
+                    s += v;
+                    s2 += v * v;
+                }
+            }
+        }
+        let mean = s / n;
+        (mean, (s2 / n - mean * mean).sqrt())
+    };
+    let (mean, std) = stats(split["train"].as_array().unwrap());
+    let all: Vec<serde_json::Value> = ["train", "test", "eval"]
+        .iter()
+        .flat_map(|k| split[k].as_array().unwrap().clone())
+        .collect();
+    let (all_mean, _) = stats(&all);
+    let store = kpipe::data::slices::SliceStore::open(&p.output_with("slices.json")).unwrap();
+    let kpipe::data::slices::Normalization::ZScore {
+        mean: m, std: sd, ..
+    } = store.meta.normalization
+    else {
+        panic!("{:?}", store.meta.normalization)
+    };
+    assert!(
+        (m - mean).abs() < 1e-6 && (sd - std).abs() < 1e-6,
+        "{m} {sd} vs {mean} {std}"
+    );
+    assert!(
+        (m - all_mean).abs() > 1e-6,
+        "differs from all cases' statistics"
+    );
+}

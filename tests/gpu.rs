@@ -133,6 +133,7 @@ backend = "gpu"
 [stages.evaluate]
 kind = "evaluate"
 model = "train"
+cases = "load"
 slices = "slice"
 part = "split.eval"
 backend = "gpu"

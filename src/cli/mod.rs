@@ -663,7 +663,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                 tu.push(s.tumor_dice);
                 results.insert(name.clone(), serde_json::to_value(&s).unwrap_or_default());
             }
-            let mean = |v: &[f64]| crate::stages::evaluate::nan_mean(v.iter().copied());
+            let mean = |v: &[f64]| crate::metrics::nan_mean(v.iter().copied());
             let out = if pairs.len() == 1 {
                 results
                     .into_iter()
@@ -809,7 +809,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                     let arms: serde_json::Map<String, serde_json::Value> = file
                         .arms
                         .iter()
-                        .map(|a| (a.id.clone(), serde_json::json!({"best": a.best, "best_epoch": a.best_epoch, "final_val_iou": a.last.val_iou, "final_dice_kidney": a.last.dice_kidney, "selected": a.selected, "wall_time_s": wall[&a.id]})))
+                        .map(|a| (a.id.clone(), serde_json::json!({"kept": a.best, "kept_epoch": a.best_epoch, "kept_val_iou": a.kept.val_iou, "kept_dice_kidney": a.kept.dice_kidney, "kept_dice_tumor": a.kept.dice_tumor, "final_val_iou": a.last.val_iou, "selected": a.selected, "wall_time_s": wall[&a.id]})))
                         .collect();
                     all.insert(
                         id,

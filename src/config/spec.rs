@@ -26,7 +26,8 @@ pub struct PipelineSpec {
 /// One checked stage.
 pub struct StageSpec {
     pub id: String,
-    /// Seed of this stage: from the pipeline seed and the id, never from the clock.
+    /// Seed of this stage: from the pipeline seed (or the stage's own `seed` key) and the
+    /// id, without a sweep arm's `[...]`, never from the clock.
     pub seed: u64,
     pub stage: Box<dyn DynStage>,
 }
@@ -160,7 +161,10 @@ fn check(
     check_references(doc, &stages, &all_ids, problems);
     let header = header?;
     for s in &mut stages {
-        s.seed = stage_seed(header.seed, &s.id);
+        // Arms of a sweep share their base stage's seed (paired arms): they differ only
+        // in the swept keys, unless `seed` itself is swept (replicates).
+        let base = s.id.split('[').next().unwrap_or(&s.id);
+        s.seed = stage_seed(s.stage.seed().unwrap_or(header.seed), base);
     }
     Some(PipelineSpec {
         name: header.name,

@@ -27,12 +27,21 @@ pub(crate) fn expand(
     doc: &Document,
     id: &str,
     kind: &Kind,
-    base: toml::Table,
+    mut base: toml::Table,
     sweep: Value,
     ctx: &CheckContext,
     problems: &mut Problems,
 ) -> Vec<(String, Box<dyn DynStage>)> {
     let prefix = format!("stages.{id}");
+    if !kind.sweepable {
+        problems.error(
+            format!("stage `{id}` (kind `{}`) cannot be swept", kind.name),
+            doc.key_at(&join(&prefix, "sweep")),
+            "not sweepable",
+            vec!["hint: sweeps vary the keys of `train` stages, whose per-epoch metrics the comparison ranks".into()],
+        );
+        return vec![];
+    }
     let Value::Table(mut table) = sweep else {
         problems.error(
             "`sweep` must be a table of `key = [values]`",
@@ -42,17 +51,60 @@ pub(crate) fn expand(
         );
         return vec![];
     };
-    let select = match table.remove("select") {
+    // One rule for both: each arm keeps its best epoch by the rule the sweep ranks by.
+    let (select, at) = match (table.remove("select"), base.get("select").cloned()) {
+        (Some(_), Some(_)) => {
+            problems.error(
+                format!("`select` is set both on `{id}` and in its sweep"),
+                doc.key_at(&join(&prefix, "sweep.select")),
+                "set twice",
+                vec![
+                    "hint: keep one: the arms keep their best epoch by the rule the sweep ranks by"
+                        .into(),
+                ],
+            );
+            return vec![];
+        }
+        (Some(v), None) => {
+            base.insert("select".into(), v.clone());
+            (Some(v), "sweep.select")
+        }
+        (None, v) => (v, "select"),
+    };
+    let select = match select {
         None => Some(Select::default()),
         Some(v) => {
-            let (s, issues) = parse_params::<Select>(v);
-            report(doc, &join(&prefix, "sweep.select"), issues, problems);
-            s
+            let (s, mut issues) = parse_params::<Select>(v);
+            if let Some(Err(why)) = s.as_ref().map(Select::check) {
+                issues.push(ParamIssue::new("metric", why));
+            }
+            let ok = issues.is_empty();
+            report(doc, &join(&prefix, at), issues, problems);
+            if !ok {
+                // reported once here, not again by every arm
+                base.remove("select");
+            }
+            s.filter(|_| ok)
         }
     };
     let mut axes: Vec<(String, Vec<Value>)> = Vec::new();
+    let mut seed_error = false;
     for (key, values) in table {
         match values {
+            Value::Array(v) if key == "seed" && v.len() == 1 => {
+                problems.error(
+                    format!("`{prefix}.sweep.seed` has one value: replicates need two or more"),
+                    doc.value_at(&format!("{prefix}.sweep.seed")),
+                    "one seed",
+                    vec![format!(
+                        "hint: set `seed = {}` on the stage itself, or list more seeds",
+                        label(&v[0])
+                    )],
+                );
+                // still checked as an axis, so the arms' other problems are reported too
+                seed_error = true;
+                axes.push((key, v));
+            }
             Value::Array(v) if !v.is_empty() => axes.push((key, v)),
             _ => problems.error(
                 format!("`{prefix}.sweep.{key}` must be a non-empty array of values"),
@@ -140,16 +192,7 @@ pub(crate) fn expand(
         });
     }
     let Some(select) = select else { return vec![] };
-    if let Err(why) = select.check() {
-        report(
-            doc,
-            &join(&prefix, "sweep"),
-            vec![ParamIssue::new("select.metric", why)],
-            problems,
-        );
-        return vec![];
-    }
-    if !ok {
+    if !ok || seed_error {
         return vec![];
     }
     let sweep = Sweep { arms, select };

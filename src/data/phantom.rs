@@ -3,8 +3,9 @@
 //! Each case is an arterial-phase-like volume in Hounsfield units: air around a body
 //! ellipse with a subcutaneous fat layer, a muscle wall, soft-tissue viscera, a liver, a
 //! spine with a spinal canal, the aorta, and two kidneys with enhancing cortex and a
-//! darker medulla; most cases carry a heterogeneous tumor in or on one kidney. Sizes,
-//! positions, spacing and contrast vary per case; noise is Gaussian. Labels follow
+//! darker medulla (10 to 14 cm long); every case carries a heterogeneous, enhancing tumor
+//! of 1.5 to 10 cm in or on one kidney (endophytic or exophytic), as every KiTS19 case
+//! has one. Sizes, positions, spacing and contrast vary per case; noise is Gaussian. Labels follow
 //! KiTS19: 0 background, 1 kidney, 2 tumor. The kidneys span roughly a third of the
 //! slices, as in real data (36% of slices show kidney or tumor).
 //!
@@ -99,6 +100,7 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
     );
     let (bx, by) = body;
     let zc = z_extent / 2.0 + rng.random_range(-0.08..0.08) * z_extent;
+    // kidneys 10 to 14 cm long, 5 to 6.5 cm wide
     let kidney = |side: f64, rng: &mut Pcg64| Ellipsoid {
         c: [
             zc + rng.random_range(-15.0..15.0),
@@ -106,15 +108,17 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
             side * bx * rng.random_range(0.36..0.48),
         ],
         r: [
-            rng.random_range(45.0..58.0),
+            rng.random_range(50.0..70.0),
+            rng.random_range(25.0..32.0),
             rng.random_range(22.0..30.0),
-            rng.random_range(20.0..27.0),
         ],
     };
     let kidneys = [kidney(-1.0, rng), kidney(1.0, rng)];
-    let tumor = if rng.random_bool(0.85) {
+    // Every case has a tumor, as every KiTS19 case does: 1.5 to 10 cm across
+    // (log-uniform, so most are 2 to 5 cm), in one kidney, endophytic (centre inside)
+    // or exophytic (centre beyond the surface, bulging out of it).
+    let tumor = {
         let k = &kidneys[rng.random_range(0..2)];
-        // on the kidney's surface, or inside it
         let dir: [f64; 3] = {
             let v = [
                 rng.random_range(-1.0..1.0),
@@ -124,9 +128,9 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
             let n = (v.iter().map(|x| x * x).sum::<f64>()).sqrt().max(1e-6);
             v.map(|x| x / n)
         };
-        let depth = rng.random_range(0.3..1.0);
+        let depth = rng.random_range(0.2..1.3);
         let c = [0, 1, 2].map(|i| k.c[i] + dir[i] * k.r[i] * depth);
-        let r = rng.random_range(8.0..26.0);
+        let r = (rng.random_range(15.0f64.ln()..100.0f64.ln())).exp() / 2.0;
         Some((
             Ellipsoid {
                 c,
@@ -138,8 +142,6 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
             },
             rng.random_range(0.0..1.0),
         ))
-    } else {
-        None
     };
     Anatomy {
         spacing: [st, pixel, pixel],
@@ -163,7 +165,7 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
             medulla: rng.random_range(70.0..120.0),
             aorta: rng.random_range(200.0..350.0),
             bone: rng.random_range(350.0..700.0),
-            tumor: rng.random_range(40.0..120.0),
+            tumor: rng.random_range(70.0..140.0),
             noise: rng.random_range(8.0..20.0),
         },
     }

@@ -126,6 +126,17 @@ pub struct ScoreSummary {
     pub class_dice: [f64; 3],
 }
 
+/// Mean over the finite values (NaN when there are none), as the KiTS19 evaluation
+/// averages per-case Dice (a case where both masks are empty has none).
+pub fn nan_mean(v: impl IntoIterator<Item = f64>) -> f64 {
+    let (mut s, mut n) = (0.0, 0usize);
+    for x in v.into_iter().filter(|x| !x.is_nan()) {
+        s += x;
+        n += 1;
+    }
+    if n == 0 { f64::NAN } else { s / n as f64 }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,33 @@ pub use fcn::{Fcn, FcnConfig};
 pub use linknet::{LinkNet, LinkNetConfig};
 pub use unet::{UNet, UNetConfig};
 
+/// `model.json` of a train artifact: what predict and evaluate need to rebuild the
+/// network and slice like training did, and which epoch's weights `model.safetensors`
+/// holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelFile {
+    pub model: ModelConfig,
+    pub slices: crate::data::slices::SliceMeta,
+    /// The 1-based epoch of `model.safetensors`, and the rule that chose it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<KeptEpoch>,
+}
+
+/// Which epoch a train stage kept, by which rule.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptEpoch {
+    pub epoch: usize,
+    pub of: usize,
+    /// `"best"` or `"last"`.
+    pub keep: String,
+    pub metric: String,
+    pub value: Option<f64>,
+}
+
+impl ModelFile {
+    pub const FILE: &'static str = "model.json";
+}
+
 /// Output classes: background, kidney, tumor.
 pub const CLASSES: usize = 3;
 

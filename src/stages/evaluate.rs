@@ -4,42 +4,63 @@
 //! [stages.evaluate]
 //! kind = "evaluate"
 //! model = "train.best"     # a train stage, or a sweep's selected arm
+//! cases = "load"           # the case table: the whole volumes to segment and score
 //! slices = "slice"
 //! part = "split.eval"
 //! batch-size = 8
 //! examples = 6             # eval slices with the most foreground, kept for the report
+//! write-predictions = false  # true: `predictions/prediction_XXXXX.nii.gz` per case
 //! backend = "cpu"
 //! ```
 //!
-//! Reports the study's metric (per slice, IoU of the 3 classes averaged, absent classes
-//! counting 1; then averaged over slices) with, beside it, the same over classes present
-//! only, the same over slices whose truth shows kidney or tumor, per-class IoU and Dice
-//! pooled over pixels, and per case, on the case's slices stacked into a volume, the
-//! KiTS19 metrics: kidney+tumor Dice (label > 0), tumor Dice (label > 1; two empty masks
-//! give NaN, skipped in the means), and their mean, the challenge score.
-//! Output: `summary.json`, `per_case.csv`, `examples/` (image, truth and prediction).
+//! Two evaluations, each saying what it is:
+//! - **The official KiTS19 evaluation, per case, on whole volumes** (`kits` in
+//!   `summary.json`, `per_case.csv`): every axial slice of each case of the part (all of
+//!   them, whatever the slice stage kept) is segmented as `kpipe predict` does, brought
+//!   back to the case's original size and geometry, and scored with the code of
+//!   `kpipe score`: kidney+tumor Dice (label > 0), tumor Dice (label > 1; NaN when both
+//!   masks are empty, skipped in the means), their per-case means, and the challenge
+//!   score (the mean of the two means).
+//! - **The study's slice metrics** (the top-level fields of `summary.json`): on the slice
+//!   store's slices of the part (the slices the slice stage kept, at its size), as
+//!   training validates: per slice, IoU of the 3 classes averaged, absent classes
+//!   counting 1, then averaged over slices; beside it the same over classes present
+//!   only, over slices whose truth shows kidney or tumor, and per-class IoU and Dice
+//!   pooled over pixels. Run on a train stage's validation part, these equal the epoch's
+//!   row of its `metrics.csv`.
+//!
+//! Output: `summary.json`, `per_case.csv`, `examples/` (image, truth and prediction), and
+//! with `write-predictions`, `predictions/` (uint8 label NIfTI with each case's geometry).
 
 use ndarray::{Array3, s};
 use serde::{Deserialize, Serialize};
 
-use super::train::ModelFile;
 use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::backend::{self, BackendKind};
+use crate::data::kits::{self, CaseTable};
 use crate::data::loader::{batch, slices_of};
+use crate::data::nifti::Volume;
 use crate::data::slices::SliceStore;
-use crate::metrics::{ScoreSummary, SliceScores};
+use crate::metrics::kits::{LabelPolicy, labels_of, score};
+use crate::metrics::{ScoreSummary, SliceScores, nan_mean};
+use crate::models::ModelFile;
+use crate::predict::{segment, write_labels};
 use crate::train::{load_network, predict_labels};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Evaluate {
     pub model: StageRef,
+    /// The load stage whose volumes are scored whole.
+    pub cases: StageRef,
     pub slices: StageRef,
     pub part: StageRef,
     #[serde(default = "default_batch")]
     pub batch_size: usize,
     #[serde(default = "default_examples")]
     pub examples: usize,
+    #[serde(default)]
+    pub write_predictions: bool,
     #[serde(default)]
     pub backend: BackendKind,
     /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
@@ -54,10 +75,11 @@ fn default_examples() -> usize {
     6
 }
 
-/// KiTS19 Dice of one case (NaN when both masks are empty).
+/// The official KiTS19 scores of one case (Dice NaN when both masks are empty).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseScore {
     pub case: String,
+    /// Axial slices of the whole volume, all scored.
     pub slices: usize,
     pub kidney_tumor_dice: f64,
     pub tumor_dice: f64,
@@ -65,6 +87,8 @@ pub struct CaseScore {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct KitsSummary {
+    /// What these numbers are.
+    pub evaluation: String,
     pub cases: usize,
     pub kidney_tumor_dice: f64,
     pub tumor_dice: f64,
@@ -93,25 +117,8 @@ pub struct Example {
 
 impl Evaluate {
     pub const SUMMARY: &'static str = "summary.json";
-}
-
-/// Dice from intersection and the two sizes; NaN when both are empty.
-pub fn dice(inter: u64, a: u64, b: u64) -> f64 {
-    if a + b == 0 {
-        f64::NAN
-    } else {
-        2.0 * inter as f64 / (a + b) as f64
-    }
-}
-
-/// Mean over the finite values (NaN when there are none).
-pub fn nan_mean(v: impl IntoIterator<Item = f64>) -> f64 {
-    let (mut s, mut n) = (0.0, 0usize);
-    for x in v.into_iter().filter(|x| !x.is_nan()) {
-        s += x;
-        n += 1;
-    }
-    if n == 0 { f64::NAN } else { s / n as f64 }
+    /// What the `kits` numbers are, as `summary.json` says.
+    pub const OFFICIAL: &'static str = "official KiTS19 evaluation: per case, every axial slice of the whole volume at its original size, kidney+tumor Dice (label > 0) and tumor Dice (label > 1), averaged over cases";
 }
 
 impl Stage for Evaluate {
@@ -126,6 +133,15 @@ impl Stage for Evaluate {
                 format!("reference a split part, like `{}.eval`", self.part.stage()),
             ));
         }
+        if self.cases.port().is_some() {
+            issues.push(ParamIssue::new(
+                "cases",
+                format!(
+                    "reference the load stage itself, like `{}`",
+                    self.cases.stage()
+                ),
+            ));
+        }
         if self.batch_size == 0 {
             issues.push(ParamIssue::new("batch-size", "must be at least 1"));
         }
@@ -135,6 +151,7 @@ impl Stage for Evaluate {
     fn inputs(&self) -> Vec<(String, &StageRef)> {
         vec![
             ("model".into(), &self.model),
+            ("cases".into(), &self.cases),
             ("slices".into(), &self.slices),
             ("part".into(), &self.part),
         ]
@@ -142,81 +159,70 @@ impl Stage for Evaluate {
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let store = SliceStore::open(ctx.input(&self.slices)?).map_err(StageError::other)?;
+        let cases_dir = ctx.input(&self.cases)?;
+        let table = CaseTable::read(cases_dir).map_err(StageError::other)?;
         let cases = super::split::SplitFile::read(ctx.input(&self.part)?)?
             .cases(&self.part, "eval", self.fold)?;
+        if cases.is_empty() {
+            return Err(StageError::Failed(format!("`{}` has no cases", self.part)));
+        }
         let device = backend::device(self.backend, 0).map_err(StageError::Failed)?;
         let (net, file) =
             load_network(&ctx.input_dir(&self.model)?, &device).map_err(StageError::other)?;
         check_compatible(&file, &store)?;
-        let plane = store.meta.size * store.meta.size;
-        let mut scores = SliceScores::default();
+        let policy = match table.label_policy {
+            kits::LabelPolicy::Error => LabelPolicy::Starter,
+            kits::LabelPolicy::Background => LabelPolicy::Rules,
+        };
+        let preds = ctx.out.join("predictions");
+        if self.write_predictions {
+            std::fs::create_dir_all(&preds).map_err(StageError::io("create", &preds))?;
+        }
         let mut per_case = Vec::new();
-        let mut examples: Vec<Example> = Vec::new();
         for (ci, case) in cases.iter().enumerate() {
             ctx.report(ci as u64, cases.len() as u64, format!("evaluating {case}"));
-            let ids = slices_of(&store, std::slice::from_ref(case)).map_err(StageError::Failed)?;
-            let (mut kt, mut tu) = ([0u64; 3], [0u64; 3]);
-            for chunk in ids.chunks(self.batch_size) {
-                let data = batch(&store, chunk, None).map_err(StageError::other)?;
-                let pred = predict_labels(net.forward(crate::train::images_tensor(
-                    &store,
-                    &data.images,
-                    data.len,
-                    &device,
-                )))
-                .map_err(StageError::other)?;
-                for (k, (t, p)) in data
-                    .labels
-                    .chunks(plane)
-                    .zip(pred.chunks(plane))
-                    .enumerate()
-                {
-                    scores.add_slice(t, p);
-                    for (&a, &b) in t.iter().zip(p) {
-                        kt[0] += u64::from(a > 0 && b > 0);
-                        kt[1] += u64::from(a > 0);
-                        kt[2] += u64::from(b > 0);
-                        tu[0] += u64::from(a > 1 && b > 1);
-                        tu[1] += u64::from(a > 1);
-                        tu[2] += u64::from(b > 1);
-                    }
-                    let fg = t.iter().filter(|&&l| l > 0).count();
-                    if self.examples > 0 && fg > 0 {
-                        let c = store.meta.channels;
-                        let centre = data.images
-                            [(k * c + c / 2) * plane..(k * c + c / 2 + 1) * plane]
-                            .to_vec();
-                        examples.push(Example {
-                            foreground: fg,
-                            case: case.clone(),
-                            row: chunk[k].1,
-                            image: centre,
-                            truth: t.to_vec(),
-                            pred: p.to_vec(),
-                        });
-                        examples.sort_by(|a, b| {
-                            b.foreground
-                                .cmp(&a.foreground)
-                                .then(a.case.cmp(&b.case))
-                                .then(a.row.cmp(&b.row))
-                        });
-                        examples.truncate(self.examples);
-                    }
-                }
+            let record = table.cases.iter().find(|c| &c.id == case).ok_or_else(|| {
+                StageError::Failed(format!(
+                    "case `{case}` of `{}` is not in `{}`'s case table",
+                    self.part, self.cases
+                ))
+            })?;
+            let img_path = CaseTable::resolve(cases_dir, &record.imaging);
+            let seg_path = CaseTable::resolve(cases_dir, &record.segmentation);
+            let img = Volume::read(&img_path).map_err(StageError::other)?;
+            let pred =
+                segment(&net, &file, &device, &img, self.batch_size).map_err(StageError::other)?;
+            let (truth, shape) =
+                labels_of(&Volume::read(&seg_path).map_err(StageError::other)?, policy)
+                    .map_err(StageError::other)?;
+            if shape[..] != img.shape3().map_err(StageError::other)?[..] {
+                return Err(StageError::Failed(format!(
+                    "`{}` has shape {shape:?}, but its imaging `{}` has {:?}",
+                    seg_path.display(),
+                    img_path.display(),
+                    img.shape3().unwrap_or_default()
+                )));
+            }
+            let s = score(&truth, &pred, &shape);
+            if self.write_predictions {
+                let name = format!("{}.nii.gz", case.replace("case_", "prediction_"));
+                write_labels(&img, &pred, &preds.join(name)).map_err(StageError::other)?;
             }
             per_case.push(CaseScore {
                 case: case.clone(),
-                slices: ids.len(),
-                kidney_tumor_dice: dice(kt[0], kt[1], kt[2]),
-                tumor_dice: dice(tu[0], tu[1], tu[2]),
+                slices: shape[0],
+                kidney_tumor_dice: s.kidney_tumor_dice,
+                tumor_dice: s.tumor_dice,
             });
         }
+        let (scores, examples) = self.slice_scores(&store, &cases, &net, &device)?;
         let kt = nan_mean(per_case.iter().map(|c| c.kidney_tumor_dice));
         let tu = nan_mean(per_case.iter().map(|c| c.tumor_dice));
         let summary = EvaluationSummary {
             part: self.part.0.clone(),
             slices: scores.summary(),
             kits: KitsSummary {
+                evaluation: Self::OFFICIAL.into(),
                 cases: per_case.len(),
                 kidney_tumor_dice: kt,
                 tumor_dice: tu,
@@ -246,13 +252,70 @@ impl Stage for Evaluate {
         write(&ctx.out.join("per_case.csv"), csv.as_bytes())?;
         write_examples(&ctx.out.join("examples"), store.meta.size, &examples)?;
         tracing::info!(
-            study_iou = summary.slices.study_iou,
-            fg_iou = summary.slices.fg_iou,
-            kidney_dice = summary.slices.class_dice[1],
+            kidney_tumor_dice = kt,
+            tumor_dice = tu,
             kits_score = summary.kits.score,
+            study_iou = summary.slices.study_iou,
             "evaluated"
         );
         Ok(())
+    }
+}
+
+impl Evaluate {
+    /// The study's slice metrics over the slice store's slices of `cases`, and the
+    /// slices with the most foreground for the report.
+    fn slice_scores(
+        &self,
+        store: &SliceStore,
+        cases: &[String],
+        net: &crate::models::Network,
+        device: &burn::tensor::Device,
+    ) -> Result<(SliceScores, Vec<Example>), StageError> {
+        let plane = store.meta.size * store.meta.size;
+        let mut scores = SliceScores::default();
+        let mut examples: Vec<Example> = Vec::new();
+        let ids = slices_of(store, cases).map_err(StageError::Failed)?;
+        for chunk in ids.chunks(self.batch_size) {
+            let data = batch(store, chunk, None).map_err(StageError::other)?;
+            let pred = predict_labels(net.forward(crate::train::images_tensor(
+                store,
+                &data.images,
+                data.len,
+                device,
+            )))
+            .map_err(StageError::other)?;
+            for (k, (t, p)) in data
+                .labels
+                .chunks(plane)
+                .zip(pred.chunks(plane))
+                .enumerate()
+            {
+                scores.add_slice(t, p);
+                let fg = t.iter().filter(|&&l| l > 0).count();
+                if self.examples > 0 && fg > 0 {
+                    let c = store.meta.channels;
+                    let centre =
+                        data.images[(k * c + c / 2) * plane..(k * c + c / 2 + 1) * plane].to_vec();
+                    examples.push(Example {
+                        foreground: fg,
+                        case: store.meta.cases[chunk[k].0].id.clone(),
+                        row: chunk[k].1,
+                        image: centre,
+                        truth: t.to_vec(),
+                        pred: p.to_vec(),
+                    });
+                    examples.sort_by(|a, b| {
+                        b.foreground
+                            .cmp(&a.foreground)
+                            .then(a.case.cmp(&b.case))
+                            .then(a.row.cmp(&b.row))
+                    });
+                    examples.truncate(self.examples);
+                }
+            }
+        }
+        Ok((scores, examples))
     }
 }
 

@@ -201,6 +201,16 @@ pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
         Ok(serde_json::Value::Null)
     }
 
+    /// A seed of the stage's own that replaces the pipeline seed (train's `seed` key,
+    /// swept for replicates).
+    fn seed(&self) -> Option<u64> {
+        None
+    }
+
+    /// Whether a `sweep` table may expand this kind into arms (the sweep node compares
+    /// the arms' per-epoch metrics, which only training writes).
+    const SWEEPABLE: bool = false;
+
     fn run(&self, ctx: &RunContext) -> Result<(), StageError>;
 }
 
@@ -213,6 +223,7 @@ pub trait DynStage: Send + Sync {
     fn params(&self) -> serde_json::Value;
     fn inputs(&self) -> Vec<(String, &StageRef)>;
     fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError>;
+    fn seed(&self) -> Option<u64>;
     fn run(&self, ctx: &RunContext) -> Result<(), StageError>;
 }
 
@@ -235,6 +246,9 @@ impl<S: Stage> DynStage for S {
     fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
         Stage::key_material(self, ctx)
     }
+    fn seed(&self) -> Option<u64> {
+        Stage::seed(self)
+    }
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         Stage::run(self, ctx)
     }
@@ -246,6 +260,8 @@ type Configure = fn(toml::Value, &CheckContext) -> Result<Box<dyn DynStage>, Vec
 /// A registered stage kind.
 pub struct Kind {
     pub name: &'static str,
+    /// Whether a `sweep` table may expand it ([`Stage::SWEEPABLE`]).
+    pub sweepable: bool,
     configure: Configure,
 }
 
@@ -253,6 +269,7 @@ impl Kind {
     const fn of<S: Stage>() -> Self {
         Kind {
             name: S::KIND,
+            sweepable: S::SWEEPABLE,
             configure: configure::<S>,
         }
     }

@@ -241,14 +241,18 @@ fn evaluation_section(r: &StageRef, dir: &Path) -> Result<String, StageError> {
     let _ = write!(
         h,
         "<table><tr><th>metric</th><th>value</th><th>what it is</th></tr>\
-         <tr><td>study IoU</td><td>{}</td><td>per slice, mean IoU of background, kidney, tumor (a class absent from both counts 1), averaged over all slices: the study's figure</td></tr>\
+         <tr><td><b>KiTS19 kidney+tumor Dice</b></td><td><b>{}</b></td><td>the official evaluation: per case on every slice of the whole volume at its original size (label &gt; 0), mean over {} cases</td></tr>\
+         <tr><td><b>KiTS19 tumor Dice</b></td><td><b>{}</b></td><td>the same for label &gt; 1; a case with no tumor in truth or prediction is skipped</td></tr>\
+         <tr><td>KiTS19 score</td><td>{}</td><td>mean of the two</td></tr>\
+         <tr><td>study IoU</td><td>{}</td><td>on the slice store's slices of the part (those the slice stage kept, at its size): per slice, mean IoU of background, kidney, tumor (a class absent from both counts 1), averaged over slices: the study's figure</td></tr>\
          <tr><td>IoU, present classes</td><td>{}</td><td>the same, each slice averaging only the classes present in truth or prediction</td></tr>\
-         <tr><td>foreground-slice IoU</td><td>{}</td><td>the study's metric over the {} slices whose truth shows kidney or tumor</td></tr>\
-         <tr><td>IoU background / kidney / tumor</td><td>{} / {} / {}</td><td>pooled over all pixels</td></tr>\
-         <tr><td>Dice background / kidney / tumor</td><td>{} / {} / {}</td><td>pooled over all pixels</td></tr>\
-         <tr><td>KiTS19 kidney+tumor Dice</td><td>{}</td><td>per case on its stacked slices (label &gt; 0), mean over {} cases</td></tr>\
-         <tr><td>KiTS19 tumor Dice</td><td>{}</td><td>per case (label &gt; 1); cases with no tumor in truth or prediction skipped</td></tr>\
-         <tr><td>KiTS19 score</td><td>{}</td><td>mean of the two</td></tr></table>",
+         <tr><td>foreground-slice IoU</td><td>{}</td><td>the study's metric over the {} stored slices whose truth shows kidney or tumor</td></tr>\
+         <tr><td>IoU background / kidney / tumor</td><td>{} / {} / {}</td><td>pooled over the stored slices' pixels</td></tr>\
+         <tr><td>Dice background / kidney / tumor</td><td>{} / {} / {}</td><td>pooled over the stored slices' pixels</td></tr></table>",
+        num(&s["kits"]["kidney_tumor_dice"]),
+        s["kits"]["cases"],
+        num(&s["kits"]["tumor_dice"]),
+        num(&s["kits"]["score"]),
         num(&s["study_iou"]),
         num(&s["study_iou_present"]),
         num(&s["fg_iou"]),
@@ -259,10 +263,6 @@ fn evaluation_section(r: &StageRef, dir: &Path) -> Result<String, StageError> {
         num(&s["class_dice"][0]),
         num(&s["class_dice"][1]),
         num(&s["class_dice"][2]),
-        num(&s["kits"]["kidney_tumor_dice"]),
-        s["kits"]["cases"],
-        num(&s["kits"]["tumor_dice"]),
-        num(&s["kits"]["score"]),
     );
     let csv = std::fs::read_to_string(dir.join("per_case.csv")).unwrap_or_default();
     h +=

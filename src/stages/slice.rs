@@ -5,8 +5,11 @@
 //! kind = "slice"
 //! input = "load"
 //! window = [-79.0, 304.0]   # HU clip (the KiTS19 window nnU-Net and MLPerf use)
-//! normalize = "unit"        # [0, 1]; or "z-score" with `mean` and `std`, or without
-//!                           # them: the dataset's foreground (kidney + tumor) statistics
+//! normalize = "unit"        # [0, 1] over the window; or "z-score" with `mean` and
+//!                           # `std`, or without them: the foreground (kidney + tumor)
+//!                           # statistics of the training cases, named by `fit-on`
+//! fit-on = "split.train"    # z-score without mean/std: the cases the statistics come
+//!                           # from (never test or eval cases: no leakage)
 //! size = 256                # output slices are size x size
 //! resize = "area"           # or "bilinear" (images); labels always nearest
 //! non-square = "pad"        # or "stretch"
@@ -53,6 +56,9 @@ pub struct Slice {
     pub mean: Option<f64>,
     #[serde(default)]
     pub std: Option<f64>,
+    /// The split part whose cases the z-score statistics are fitted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit_on: Option<StageRef>,
     #[serde(default = "default_size")]
     pub size: usize,
     #[serde(default = "default_filter")]
@@ -120,11 +126,37 @@ impl Stage for Slice {
             (_, _, Some(s)) if s <= 0.0 => issues.push(ParamIssue::new("std", "must be positive")),
             _ => {}
         }
+        match (self.normalize, self.mean, &self.fit_on) {
+            (Normalize::ZScore, None, None) => issues.push(
+                ParamIssue::new(
+                    "normalize",
+                    "z-score statistics need the cases they are fitted on",
+                )
+                .hint("hint: `fit-on = \"split.train\"` (training cases only), or give `mean` and `std`"),
+            ),
+            (Normalize::ZScore, None, Some(r)) if r.port() != Some("train") => issues.push(
+                ParamIssue::new(
+                    "fit-on",
+                    format!("`{r}` is not a training part: statistics fitted on it would leak into training"),
+                )
+                .hint(format!("hint: `fit-on = \"{}.train\"`", r.stage())),
+            ),
+            (Normalize::ZScore, None, Some(_)) => {}
+            (_, _, Some(_)) => issues.push(ParamIssue::new(
+                "fit-on",
+                "applies to `normalize = \"z-score\"` without `mean` and `std` only",
+            )),
+            _ => {}
+        }
         issues
     }
 
     fn inputs(&self) -> Vec<(String, &StageRef)> {
-        vec![("input".into(), &self.input)]
+        let mut v = vec![("input".into(), &self.input)];
+        if let Some(r) = &self.fit_on {
+            v.push(("fit-on".into(), r));
+        }
+        v
     }
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
@@ -137,8 +169,14 @@ impl Stage for Slice {
                 Normalization::ZScore { lo, hi, mean, std }
             }
             (Normalize::ZScore, _, _) => {
-                ctx.report(0, table.cases.len() as u64, "foreground statistics");
-                let (mean, std) = foreground_stats(&table, input, lo, hi)?;
+                let fit_on = self
+                    .fit_on
+                    .as_ref()
+                    .ok_or_else(|| StageError::Failed("z-score statistics need `fit-on`".into()))?;
+                let train = super::split::SplitFile::read(ctx.input(fit_on)?)?
+                    .cases(fit_on, "train", None)?;
+                ctx.report(0, train.len() as u64, "foreground statistics");
+                let (mean, std) = foreground_stats(&table, &train, input, lo, hi)?;
                 tracing::info!(mean, std, "foreground statistics");
                 Normalization::ZScore { lo, hi, mean, std }
             }
@@ -284,9 +322,11 @@ fn unit_draw(seed: u64, case: &str, slice: usize) -> f64 {
     (v >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// Mean and standard deviation of windowed HU over all kidney and tumor voxels.
+/// Mean and standard deviation of windowed HU over the kidney and tumor voxels of the
+/// cases named `fit` (the training part) only.
 fn foreground_stats(
     table: &CaseTable,
+    fit: &[String],
     input: &std::path::Path,
     lo: f64,
     hi: f64,
@@ -294,6 +334,7 @@ fn foreground_stats(
     let parts: Vec<(f64, f64, f64)> = table
         .cases
         .par_iter()
+        .filter(|c| fit.contains(&c.id))
         .map(|case| {
             let img = Volume::read(&CaseTable::resolve(input, &case.imaging))
                 .map_err(StageError::other)?;

@@ -27,11 +27,18 @@
 //! pretrained = "vgg16.safetensors"  # FCN only: ImageNet VGG16 encoder weights
 //!                             # (torchvision names), loaded and frozen
 //! backend = "cpu"             # or "gpu" (burn-wgpu; build with `--features gpu`)
+//! keep = "best"               # weights of the best epoch by `select`; or "last"
+//! select = { metric = "val-iou", mode = "max" }
+//! seed = 7                    # optional: instead of the pipeline seed (replicates)
 //! ```
 //!
+//! The arms of a sweep share the base stage's seed, so they start from the same weights
+//! and see the same batches and augmentations; sweep `seed = [1, 2, 3]` for replicates.
+//!
 //! Schedules: [`crate::train::schedule`]; augmentation: [`crate::data::augment`].
-//! Output: `model.safetensors`, `model.json` (network and slice settings, for predict),
-//! `metrics.csv` (one row per epoch). Checkpoints live outside the cache entry, in the
+//! Output: `model.safetensors` (the kept epoch's weights), `last.safetensors` (with
+//! `keep = "best"`: the last epoch's), `model.json` (network and slice settings, for
+//! predict and evaluate, and which epoch was kept), `metrics.csv` (one row per epoch). Checkpoints live outside the cache entry, in the
 //! resume directory, until the stage succeeds.
 
 use serde::{Deserialize, Serialize};
@@ -41,10 +48,11 @@ use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::backend::{self, BackendKind};
 use crate::data::augment::Augment;
 use crate::data::loader::{Shuffle, slices_of};
-use crate::data::slices::{SliceMeta, SliceStore};
-use crate::models::{ModelConfig, ModelKind};
+use crate::data::slices::SliceStore;
+use crate::models::{KeptEpoch, ModelConfig, ModelFile, ModelKind};
 use crate::train::loss::{Loss, LossKind};
 use crate::train::schedule::LearningRate;
+use crate::train::select::{Keep, Select};
 use crate::train::{EpochRow, Fit, adam, fit};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -95,6 +103,15 @@ pub struct Train {
     /// FCN: VGG16 encoder weights (safetensors, torchvision names), loaded and frozen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pretrained: Option<std::path::PathBuf>,
+    /// A seed of its own instead of the pipeline's (sweep it for replicates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Which epoch's weights `model.safetensors` holds: the best by `select`, or the last.
+    #[serde(default)]
+    pub keep: Keep,
+    /// The rule for the best epoch (a sweep's `select` sets it for every arm).
+    #[serde(default)]
+    pub select: Select,
 }
 
 fn default_model() -> ModelKind {
@@ -125,20 +142,10 @@ fn default_loss_weights() -> [f32; 2] {
     [1.0, 1.0]
 }
 
-/// `model.json`: what predict needs to rebuild the network and slice like training did.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ModelFile {
-    pub model: ModelConfig,
-    pub slices: SliceMeta,
-}
-
-impl ModelFile {
-    pub const FILE: &'static str = "model.json";
-}
-
 impl Stage for Train {
     const KIND: &'static str = "train";
     const USES_DEVICE: bool = true;
+    const SWEEPABLE: bool = true;
 
     fn check(&self, ctx: &CheckContext) -> Vec<ParamIssue> {
         let mut issues = Vec::new();
@@ -196,7 +203,14 @@ impl Stage for Train {
         for (k, why) in self.augment.check() {
             issues.push(ParamIssue::new(format!("augment.{k}"), why));
         }
+        if let Err(why) = self.select.check() {
+            issues.push(ParamIssue::new("select.metric", why));
+        }
         issues
+    }
+
+    fn seed(&self) -> Option<u64> {
+        self.seed
     }
 
     /// The pretrained weights' digest: new weights under the same name retrain.
@@ -271,6 +285,8 @@ impl Stage for Train {
             pretrained: self.pretrained.as_ref().map(|p| ctx.pipeline_dir.join(p)),
             device,
             seed: ctx.seed,
+            select: self.select.clone(),
+            keep: self.keep,
         };
         tracing::info!(
             model = self.model.name(),
@@ -278,7 +294,7 @@ impl Stage for Train {
             validate = val.len(),
             "training"
         );
-        let rows = fit(
+        let fitted = fit(
             &job,
             &store,
             &train,
@@ -288,16 +304,29 @@ impl Stage for Train {
             &|d, t, m| ctx.report(d, t, m),
         )
         .map_err(StageError::other)?;
+        let rows = &fitted.rows;
         let mut csv = String::from(EpochRow::HEADER);
         csv.push('\n');
-        for r in &rows {
+        for r in rows {
             csv += &r.csv();
             csv.push('\n');
         }
         write(&ctx.out.join("metrics.csv"), csv.as_bytes())?;
+        let kept = &rows[fitted.kept_epoch - 1];
         let file = ModelFile {
             model,
             slices: store.meta.clone(),
+            kept: Some(KeptEpoch {
+                epoch: fitted.kept_epoch,
+                of: rows.len(),
+                keep: match self.keep {
+                    Keep::Best => "best",
+                    Keep::Last => "last",
+                }
+                .into(),
+                metric: self.select.metric.clone(),
+                value: Some(self.select.value(kept)).filter(|v| v.is_finite()),
+            }),
         };
         write(
             &ctx.out.join(ModelFile::FILE),

@@ -9,6 +9,7 @@
 
 pub mod loss;
 pub mod schedule;
+pub mod select;
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -26,6 +27,7 @@ use crate::metrics::SliceScores;
 use crate::models::{ModelConfig, Network};
 use loss::Loss;
 use schedule::LearningRate;
+use select::{Keep, Select};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -61,6 +63,17 @@ pub struct Fit<'a> {
     pub pretrained: Option<PathBuf>,
     pub device: Device,
     pub seed: u64,
+    /// The rule that says which epoch is best, and whether to keep that epoch's weights.
+    pub select: Select,
+    pub keep: Keep,
+}
+
+/// What a fit produced: one row per epoch and the epoch whose weights were kept.
+#[derive(Debug, Clone)]
+pub struct Fitted {
+    pub rows: Vec<EpochRow>,
+    /// 1-based epoch of `model.safetensors`.
+    pub kept_epoch: usize,
 }
 
 /// One epoch's row of `metrics.csv`.
@@ -132,12 +145,16 @@ struct Checkpoint {
     epochs_done: usize,
     /// Metrics rows as CSV lines (JSON has no NaN).
     rows: Vec<String>,
+    /// The best epoch so far by the selection rule, whose weights are `best.bpk`.
+    #[serde(default)]
+    best_epoch: Option<usize>,
 }
 
 /// Progress callback: (done, total, message).
 pub type Report<'a> = &'a (dyn Fn(u64, u64, String) + Sync);
 
-/// Trains, writing `model.safetensors` and returning one row per epoch.
+/// Trains, writing `model.safetensors` (the kept epoch's weights; with `keep = "best"`
+/// also `last.safetensors`) and returning one row per epoch.
 pub fn fit(
     f: &Fit,
     store: &SliceStore,
@@ -146,7 +163,7 @@ pub fn fit(
     out: &Path,
     resume: &Path,
     report: Report,
-) -> Result<Vec<EpochRow>, TrainError> {
+) -> Result<Fitted, TrainError> {
     if train.is_empty() || val.is_empty() {
         return Err(TrainError::Data(format!(
             "{} training and {} validation slices: both parts need slices",
@@ -179,10 +196,12 @@ pub fn fit(
     let mut optim = f.adam.init();
     let state_path = resume.join("checkpoint.json");
     let mut rows: Vec<EpochRow> = Vec::new();
+    // the best epoch so far and its weights (inference copy)
+    let mut best: Option<(usize, Network)> = None;
     if let Ok(text) = std::fs::read_to_string(&state_path) {
         match resume_from(&text, resume, model.clone(), optim.clone()) {
-            Ok((m, o, r)) => {
-                (model, optim, rows) = (m, o, r);
+            Ok((m, o, r, b)) => {
+                (model, optim, rows, best) = (m, o, r, b);
                 tracing::info!(epoch = rows.len(), "resumed from checkpoint");
             }
             Err(e) => tracing::warn!(
@@ -269,18 +288,47 @@ pub fn fit(
             seconds = started.elapsed().as_secs_f64(),
             "epoch"
         );
+        let improved = f.select.better(
+            f.select.value(&row),
+            best.as_ref()
+                .map_or(f64::NAN, |(e, _)| f.select.value(&rows[e - 1])),
+        );
         rows.push(row);
-        save_checkpoint(&model, &optim, &rows, resume)?;
+        if improved {
+            best = Some((epoch + 1, model.valid()));
+        }
+        save_checkpoint(&model, &optim, &rows, best.as_ref(), resume)?;
     }
-    let path = out.join("model.safetensors");
-    let mut st = SafetensorsStore::from_file(path.clone()).overwrite(true);
+    let last = model.valid();
+    let epochs = rows.len();
+    let (kept_epoch, kept) = match (f.keep, best) {
+        (Keep::Best, Some((e, m))) => {
+            save_weights(&last, &out.join("last.safetensors"))?;
+            (e, m)
+        }
+        (Keep::Best, None) => {
+            tracing::warn!(
+                metric = f.select.metric,
+                "no epoch has a finite selection metric: keeping the last epoch's weights"
+            );
+            save_weights(&last, &out.join("last.safetensors"))?;
+            (epochs, last)
+        }
+        (Keep::Last, _) => (epochs, last),
+    };
+    save_weights(&kept, &out.join("model.safetensors"))?;
+    Ok(Fitted { rows, kept_epoch })
+}
+
+/// Saves inference weights as canonical safetensors.
+fn save_weights(model: &Network, path: &Path) -> Result<(), TrainError> {
+    let mut st = SafetensorsStore::from_file(path.to_path_buf()).overwrite(true);
     model
-        .valid()
+        .clone()
         .save_into(&mut st)
-        .map_err(|e| file_err("save weights to", &path)(e.to_string()))?;
+        .map_err(|e| file_err("save weights to", path)(e.to_string()))?;
     drop(st);
-    canonical_safetensors(&path).map_err(|e| file_err("rewrite", &path)(e.to_string()))?;
-    Ok(rows)
+    canonical_safetensors(path).map_err(|e| file_err("rewrite", path)(e.to_string()))
 }
 
 /// Rewrites a safetensors header with its keys sorted: burn writes its metadata map in
@@ -364,11 +412,11 @@ pub fn validate(
 pub fn load_network(
     dir: &Path,
     device: &Device,
-) -> Result<(Network, crate::stages::train::ModelFile), TrainError> {
-    let path = dir.join(crate::stages::train::ModelFile::FILE);
+) -> Result<(Network, crate::models::ModelFile), TrainError> {
+    let path = dir.join(crate::models::ModelFile::FILE);
     let text =
         std::fs::read_to_string(&path).map_err(|e| file_err("read", &path)(e.to_string()))?;
-    let file: crate::stages::train::ModelFile =
+    let file: crate::models::ModelFile =
         serde_json::from_str(&text).map_err(|e| file_err("read", &path)(e.to_string()))?;
     let mut net = file.model.init(device);
     let weights = dir.join("model.safetensors");
@@ -387,7 +435,12 @@ pub fn predict_labels(logits: Tensor<4>) -> Result<Vec<u8>, TrainError> {
     Ok(pred.into_iter().map(|v| v.clamp(0, 2) as u8).collect())
 }
 
-type Resumed = (Network, burn::optim::ModuleOptimizer, Vec<EpochRow>);
+type Resumed = (
+    Network,
+    burn::optim::ModuleOptimizer,
+    Vec<EpochRow>,
+    Option<(usize, Network)>,
+);
 
 fn resume_from(
     text: &str,
@@ -408,15 +461,27 @@ fn resume_from(
         resume.join(format!("model-{}.bpk", ck.epochs_done)),
         resume.join(format!("optim-{}.bpk", ck.epochs_done)),
     );
+    let best = match ck.best_epoch {
+        Some(e) if (1..=rows.len()).contains(&e) => Some((
+            e,
+            model
+                .valid()
+                .try_load_file(resume.join("best.bpk"))
+                .map_err(|e| e.to_string())?,
+        )),
+        Some(e) => return Err(format!("best epoch {e} is not among the epochs done")),
+        None => None,
+    };
     let model = model.try_load_file(&m).map_err(|e| e.to_string())?;
     let optim = optim.load(&o).map_err(|e| e.to_string())?;
-    Ok((model, optim, rows))
+    Ok((model, optim, rows, best))
 }
 
 fn save_checkpoint(
     model: &Network,
     optim: &burn::optim::ModuleOptimizer,
     rows: &[EpochRow],
+    best: Option<&(usize, Network)>,
     resume: &Path,
 ) -> Result<(), TrainError> {
     std::fs::create_dir_all(resume).map_err(|e| file_err("create", resume)(e.to_string()))?;
@@ -435,9 +500,18 @@ fn save_checkpoint(
     optim
         .save(&o)
         .map_err(|e| file_err("write checkpoint", &o)(e.to_string()))?;
+    // the best weights change only when an epoch improves on them
+    if let Some((e, m)) = best.filter(|(e, _)| *e == n) {
+        let p = resume.join("best.bpk");
+        let _ = std::fs::remove_file(&p);
+        m.clone()
+            .save_file(&p)
+            .map_err(|err| file_err("write checkpoint", &p)(format!("epoch {e}: {err}")))?;
+    }
     let state = serde_json::to_vec(&Checkpoint {
         epochs_done: n,
         rows: rows.iter().map(EpochRow::csv).collect(),
+        best_epoch: best.map(|(e, _)| *e),
     })
     .map_err(|e| TrainError::Data(e.to_string()))?;
     let path = resume.join("checkpoint.json");
