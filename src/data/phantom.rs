@@ -4,7 +4,7 @@
 //! ellipse with a subcutaneous fat layer, a muscle wall, soft-tissue viscera, a liver, a
 //! spine with a spinal canal, the aorta, and two kidneys with enhancing cortex and a
 //! darker medulla (10 to 14 cm long); every case carries a heterogeneous, enhancing tumor
-//! of 1.5 to 10 cm in or on one kidney (endophytic or exophytic), as every KiTS19 case
+//! of 2 to 10 cm in or on one kidney (endophytic or exophytic), as every KiTS19 case
 //! has one. Sizes, positions, spacing and contrast vary per case; noise is Gaussian. Labels follow
 //! KiTS19: 0 background, 1 kidney, 2 tumor. The kidneys span roughly a third of the
 //! slices, as in real data (36% of slices show kidney or tumor).
@@ -114,8 +114,8 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
         ],
     };
     let kidneys = [kidney(-1.0, rng), kidney(1.0, rng)];
-    // Every case has a tumor, as every KiTS19 case does: 1.5 to 10 cm across
-    // (log-uniform, so most are 2 to 5 cm), in one kidney, endophytic (centre inside)
+    // Every case has a tumor, as every KiTS19 case does: 2 to 10 cm across
+    // (log-uniform: median 4.5 cm, as KiTS19's), in one kidney, endophytic (centre inside)
     // or exophytic (centre beyond the surface, bulging out of it).
     let tumor = {
         let k = &kidneys[rng.random_range(0..2)];
@@ -130,7 +130,7 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
         };
         let depth = rng.random_range(0.2..1.3);
         let c = [0, 1, 2].map(|i| k.c[i] + dir[i] * k.r[i] * depth);
-        let r = (rng.random_range(15.0f64.ln()..100.0f64.ln())).exp() / 2.0;
+        let r = (rng.random_range(20.0f64.ln()..100.0f64.ln())).exp() / 2.0;
         Some((
             Ellipsoid {
                 c,
@@ -162,10 +162,10 @@ fn anatomy(rng: &mut Pcg64, [d, h, w]: [usize; 3]) -> Anatomy {
             viscera: rng.random_range(20.0..50.0),
             liver: rng.random_range(60.0..90.0),
             cortex: rng.random_range(150.0..250.0),
-            medulla: rng.random_range(70.0..120.0),
+            medulla: rng.random_range(110.0..150.0),
             aorta: rng.random_range(200.0..350.0),
             bone: rng.random_range(350.0..700.0),
-            tumor: rng.random_range(70.0..140.0),
+            tumor: rng.random_range(40.0..100.0),
             noise: rng.random_range(8.0..20.0),
         },
     }
@@ -191,7 +191,7 @@ fn voxel(a: &Anatomy, p: [f64; 3], texture: f64) -> (f64, u8) {
         let q = t.q(p);
         if q < 1.0 {
             let core = if q < 0.25 * necrosis { -40.0 } else { 0.0 };
-            return (a.hu.tumor + core + 35.0 * texture, 2);
+            return (a.hu.tumor + core + 25.0 * texture, 2);
         }
     }
     for k in &a.kidneys {
