@@ -130,6 +130,9 @@ impl Stage for Slice {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let input = ctx.input(&self.input)?;
         let table = CaseTable::read(input).map_err(StageError::other)?;
+        let data = table
+            .data_dir(input, ctx.data_root(&self.input))
+            .map_err(StageError::other)?;
         let [lo, hi] = self.window;
         let normalization = match (self.normalize, self.mean, self.std) {
             (Normalize::Unit, _, _) => Normalization::Unit { lo, hi },
@@ -138,7 +141,7 @@ impl Stage for Slice {
             }
             (Normalize::ZScore, _, _) => {
                 ctx.report(0, table.cases.len() as u64, "foreground statistics");
-                let (mean, std) = foreground_stats(&table, input, lo, hi)?;
+                let (mean, std) = foreground_stats(&table, &data, lo, hi)?;
                 tracing::info!(mean, std, "foreground statistics");
                 Normalization::ZScore { lo, hi, mean, std }
             }
@@ -149,7 +152,7 @@ impl Stage for Slice {
             .cases
             .par_iter()
             .map_init(ReadBuffers::default, |bufs, case| {
-                let r = self.slice_case(ctx, input, case, normalization, bufs);
+                let r = self.slice_case(ctx, &data, case, normalization, bufs);
                 ctx.report(
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                     total,
@@ -196,15 +199,20 @@ impl Slice {
     fn slice_case(
         &self,
         ctx: &RunContext,
-        input: &std::path::Path,
+        data: &std::path::Path,
         case: &crate::data::kits::CaseRecord,
         norm: Normalization,
         bufs: &mut ReadBuffers,
     ) -> Result<(SlicedCase, Vec<String>), StageError> {
-        let img = Volume::read_with(&CaseTable::resolve(input, &case.imaging), bufs)
+        // the bytes decoded are the bytes the load stage hashed, or an error
+        let img = Volume::read_checked(&data.join(&case.imaging), bufs, Some(&case.imaging_digest))
             .map_err(StageError::other)?;
-        let seg = Volume::read_with(&CaseTable::resolve(input, &case.segmentation), bufs)
-            .map_err(StageError::other)?;
+        let seg = Volume::read_checked(
+            &data.join(&case.segmentation),
+            bufs,
+            Some(&case.segmentation_digest),
+        )
+        .map_err(StageError::other)?;
         let shape = img.shape3().map_err(StageError::other)?;
         let p = prepare_case(
             &img,
@@ -287,7 +295,7 @@ fn unit_draw(seed: u64, case: &str, slice: usize) -> f64 {
 /// Mean and standard deviation of windowed HU over all kidney and tumor voxels.
 fn foreground_stats(
     table: &CaseTable,
-    input: &std::path::Path,
+    data: &std::path::Path,
     lo: f64,
     hi: f64,
 ) -> Result<(f64, f64), StageError> {
@@ -295,10 +303,12 @@ fn foreground_stats(
         .cases
         .par_iter()
         .map(|case| {
-            let img = Volume::read(&CaseTable::resolve(input, &case.imaging))
-                .map_err(StageError::other)?;
-            let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation))
-                .map_err(StageError::other)?;
+            let read = |p: &std::path::Path, digest: &str| {
+                Volume::read_checked(&data.join(p), &mut ReadBuffers::default(), Some(digest))
+                    .map_err(StageError::other)
+            };
+            let img = read(&case.imaging, &case.imaging_digest)?;
+            let seg = read(&case.segmentation, &case.segmentation_digest)?;
             let (labels, _) = seg.to_labels().map_err(StageError::other)?;
             let values = img.to_f64().map_err(StageError::other)?;
             let (mut n, mut s, mut s2) = (0.0, 0.0, 0.0);
