@@ -577,6 +577,37 @@ fn values_equal_nibabel_get_fdata_bit_for_bit() {
     }
 }
 
+/// A reader given the digest a file had (the slice stage, from `cases.json`) refuses a
+/// file that has changed since, naming it.
+#[test]
+fn a_file_read_against_its_recorded_digest_must_still_have_it() {
+    use kpipe::data::nifti::ReadBuffers;
+    let dir = tempfile::tempdir().unwrap();
+    let v = Nii::new(&[3, 4, 5], 2, 8, vec![7; 60]);
+    let path = v.write(&dir.path().join("v.nii"));
+    let digest = kpipe::cache::file_digest(&path).unwrap();
+    let mut bufs = ReadBuffers::default();
+    let read = Volume::read_checked(&path, &mut bufs, Some(&digest)).unwrap();
+    assert_eq!(read.shape, vec![3, 4, 5]);
+    let mut changed = v.clone();
+    changed.data[59] = 8;
+    changed.write(&path);
+    match Volume::read_checked(&path, &mut bufs, Some(&digest)) {
+        Err(e @ NiftiError::Changed { .. }) => {
+            let msg = e.to_string();
+            assert!(
+                msg.contains("v.nii` has changed since it was loaded"),
+                "{msg}"
+            );
+            assert!(msg.contains(&digest[..12]), "{msg}");
+        }
+        other => panic!(
+            "expected a changed-file error, got {:?}",
+            other.map(|v| v.shape)
+        ),
+    }
+}
+
 /// nibabel's `shape_zoom_affine` docstring example: a header with neither qform nor
 /// sform, shape (3, 5, 7), pixdim (3, 2, 1).
 #[test]
