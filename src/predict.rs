@@ -1,13 +1,15 @@
 //! `kpipe predict`: segment NIfTI volumes with a trained model. Each volume is sliced
 //! with the model's own slice settings (window, normalisation, size, padding, context),
 //! inferred in batches, resized back to its slices' original size (nearest), stacked,
-//! and written as a uint8 label NIfTI with the input's shape, affine and spacing.
+//! and written as a uint8 label NIfTI with the input's shape and the input header's
+//! geometry fields unchanged (qform, sform, their codes, pixdim, units): whatever a
+//! reader makes of the input's geometry, it makes of the prediction's.
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
 
-use crate::data::nifti::{Datatype, NewVolume, Volume, write_volume};
+use crate::data::nifti::{Datatype, Geometry, NewVolume, Volume, write_volume_with};
 use crate::data::resample::resize_nearest;
 use crate::data::slices::{NonSquare, prepare_case};
 use crate::models::ModelFile;
@@ -150,7 +152,7 @@ pub fn write_labels(img: &Volume, volume: &[u8], output: &Path) -> Result<(), Pr
             PredictError::Input(format!("cannot create `{}`: {e}", parent.display()))
         })?;
     }
-    write_volume(
+    write_volume_with(
         output,
         &NewVolume {
             shape: [d, h, w],
@@ -160,6 +162,7 @@ pub fn write_labels(img: &Volume, volume: &[u8], output: &Path) -> Result<(), Pr
             affine,
             description: "kpipe prediction",
         },
+        &Geometry::of(&img.header),
     )?;
     Ok(())
 }

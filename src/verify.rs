@@ -2,6 +2,11 @@
 //! scratch cache and compares every node's output digest with the lock file; `kpipe
 //! verify --cache` re-hashes the existing cache and reports rot.
 //!
+//! Only what the lock file records can be checked: a node it does not record fails
+//! ([`Verdict::Unlocked`]), as does a node that does not complete. Keys and digests are
+//! location-free (content digests, paths relative to the data root), so a lock file
+//! written on one machine verifies on another that has the same data anywhere.
+//!
 //! GPU training is not bit-reproducible (kernels sum in varying orders), so a node that
 //! runs on the GPU (`backend = "gpu"`), or reads one that does, may differ in its bytes
 //! and still pass: a train or evaluate node when each of its metrics (per-epoch
@@ -25,7 +30,7 @@ pub enum Verdict {
     /// A GPU node (or one downstream of it) whose bytes differ but metrics agree.
     Tolerated,
     Mismatch,
-    /// The node has no record in the lock file.
+    /// The node has no record in the lock file: nothing to check it against (a failure).
     Unlocked,
     Failed,
 }
@@ -67,7 +72,7 @@ pub fn verify_pipeline(
             path: scratch_parent.into(),
             source,
         })?;
-    let cache = Cache::open(scratch.path())?;
+    let cache = Cache::open(scratch.path())?.sharing_stat_cache(store);
     let opts = RunOptions {
         record_lock: false,
         ..opts.clone()
@@ -228,10 +233,18 @@ pub fn verify_cache(cache: &Cache) -> Result<Vec<(String, String, Option<String>
         .entries()?
         .into_iter()
         .map(|e| {
-            let problem = cache.get(&e.manifest.key).err().map(|err| err.to_string());
+            let problem = cache.verify(&e).err().map(|err| err.to_string());
             (e.manifest.key.clone(), e.manifest.stage.clone(), problem)
         })
         .collect())
+}
+
+impl NodeCheck {
+    /// Whether the node reproduced its locked result (bit for bit, or within the GPU
+    /// tolerance).
+    pub fn passed(&self) -> bool {
+        matches!(self.verdict, Verdict::Match | Verdict::Tolerated)
+    }
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
 //! `kpipe predict`: a trained model segments NIfTI volumes, writing labels with the input's
-//! shape, affine and spacing, that score well above an empty prediction.
+//! shape and header geometry (affine, spacing, codes), that score well above an empty
+//! prediction.
 
 mod common;
 
@@ -81,6 +82,11 @@ fn predictions_keep_the_geometry_and_find_the_kidneys() {
     let pred = Volume::read(&p.path().join("pred/prediction_00005.nii.gz")).unwrap();
     assert_eq!(pred.shape, input.shape);
     assert_eq!(pred.affine(), input.affine());
+    // the input header's geometry fields, unchanged (qform, sform, codes, pixdim)
+    assert_eq!(
+        kpipe::data::nifti::Geometry::of(&pred.header),
+        kpipe::data::nifti::Geometry::of(&input.header)
+    );
     assert_eq!(pred.spacing(), input.spacing());
     assert_eq!(pred.datatype.name(), "uint8");
     // score the folder: better than an empty prediction (kidney+tumor Dice 0)

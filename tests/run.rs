@@ -33,8 +33,23 @@ cmd = ["sh", "-c", "echo alone > l.txt"]
 outs = ["l.txt"]
 "#;
 
+/// `stage_file` of the entries the lock file `p.lock` records (the latest run), else of
+/// any entry (an edited stage leaves its old entry beside the new one).
 fn out_of(p: &Project, stage_file: &str) -> String {
-    for e in p.entries() {
+    let locked: Vec<std::path::PathBuf> = std::fs::read_to_string(p.path().join("p.lock"))
+        .ok()
+        .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        .and_then(|v| {
+            v["nodes"].as_object().map(|nodes| {
+                nodes
+                    .values()
+                    .filter_map(|r| r["key"].as_str())
+                    .map(|k| p.cache().join("entries").join(k))
+                    .collect()
+            })
+        })
+        .unwrap_or_default();
+    for e in locked.into_iter().chain(p.entries()) {
         let f = e.join("out").join(stage_file);
         if f.exists() {
             return std::fs::read_to_string(f).unwrap();

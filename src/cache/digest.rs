@@ -1,9 +1,12 @@
-//! Content digests (BLAKE3) of files and directory trees.
+//! Content digests (BLAKE3) of files and directory trees, and the listing of a tree
+//! (each entry's path, type, size and digest) that a cache manifest keeps, so an entry
+//! can be checked by its sizes without reading it and a failed check names the file.
 
 use std::io;
 use std::path::Path;
 
 use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
 use walkdir::WalkDir;
 
 /// The digest of a tree and what it holds.
@@ -13,6 +16,43 @@ pub struct TreeDigest {
     pub hex: String,
     pub files: u64,
     pub bytes: u64,
+    /// Every entry, in the order hashed (byte order of `/`-joined relative paths).
+    pub listing: Vec<Listed>,
+}
+
+/// One entry of a tree, by its `/`-joined path relative to the tree's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Listed {
+    File {
+        path: String,
+        size: u64,
+        blake3: String,
+    },
+    Dir {
+        path: String,
+    },
+    Link {
+        path: String,
+        target: String,
+    },
+}
+
+impl Listed {
+    pub fn path(&self) -> &str {
+        match self {
+            Listed::File { path, .. } | Listed::Dir { path } | Listed::Link { path, .. } => path,
+        }
+    }
+
+    /// The line this entry adds to a tree digest.
+    fn line(&self) -> String {
+        match self {
+            Listed::File { path, size, blake3 } => format!("f {path} {size} {blake3}\n"),
+            Listed::Dir { path } => format!("d {path}\n"),
+            Listed::Link { path, target } => format!("l {path} {target}\n"),
+        }
+    }
 }
 
 /// An artifact's `volatile/` folder holds measurements no rerun reproduces (wall times):
@@ -32,12 +72,47 @@ pub fn file_digest(path: &Path) -> io::Result<String> {
 pub fn tree_digest(root: &Path) -> io::Result<TreeDigest> {
     let meta = std::fs::symlink_metadata(root)?;
     if meta.is_file() {
+        let hex = file_digest(root)?;
         return Ok(TreeDigest {
-            hex: file_digest(root)?,
+            listing: vec![Listed::File {
+                path: String::new(),
+                size: meta.len(),
+                blake3: hex.clone(),
+            }],
+            hex,
             files: 1,
             bytes: meta.len(),
         });
     }
+    let entries = walk(root)?;
+    let listing: Vec<Listed> = entries
+        .par_iter()
+        .map(|(rel, entry)| {
+            let ft = entry.file_type();
+            let path = rel.clone();
+            Ok(if ft.is_dir() {
+                Listed::Dir { path }
+            } else if ft.is_symlink() {
+                let target = std::fs::read_link(entry.path())?;
+                Listed::Link {
+                    path,
+                    target: target.display().to_string(),
+                }
+            } else {
+                Listed::File {
+                    path,
+                    size: entry.metadata().map_err(io::Error::other)?.len(),
+                    blake3: file_digest(entry.path())?,
+                }
+            })
+        })
+        .collect::<io::Result<_>>()?;
+    Ok(digest_of_listing(listing))
+}
+
+/// Every entry below `root` but `volatile/`, with its `/`-joined relative path, in byte
+/// order of names: the order a tree digest hashes them in.
+pub fn walk(root: &Path) -> io::Result<Vec<(String, walkdir::DirEntry)>> {
     let mut entries = Vec::new();
     for entry in WalkDir::new(root)
         .follow_links(false)
@@ -54,44 +129,36 @@ pub fn tree_digest(root: &Path) -> io::Result<TreeDigest> {
             .map(|c| c.as_os_str().to_string_lossy())
             .collect::<Vec<_>>()
             .join("/");
-        if rel == VOLATILE || rel.starts_with(&format!("{VOLATILE}/")) {
+        if is_volatile(&rel) {
             continue;
         }
         entries.push((rel, entry));
     }
-    let records: Vec<io::Result<(String, u64)>> = entries
-        .par_iter()
-        .map(|(rel, entry)| {
-            let ft = entry.file_type();
-            if ft.is_dir() {
-                Ok((format!("d {rel}\n"), 0))
-            } else if ft.is_symlink() {
-                let target = std::fs::read_link(entry.path())?;
-                Ok((format!("l {rel} {}\n", target.display()), 0))
-            } else {
-                let len = entry.metadata().map_err(io::Error::other)?.len();
-                Ok((
-                    format!("f {rel} {len} {}\n", file_digest(entry.path())?),
-                    len,
-                ))
-            }
-        })
-        .collect();
+    Ok(entries)
+}
+
+/// The tree digest of a listing (in walk order).
+pub fn digest_of_listing(listing: Vec<Listed>) -> TreeDigest {
     let mut h = blake3::Hasher::new();
     let (mut files, mut bytes) = (0, 0);
-    for r in records {
-        let (line, len) = r?;
-        if line.starts_with('f') {
+    for l in &listing {
+        if let Listed::File { size, .. } = l {
             files += 1;
-            bytes += len;
+            bytes += size;
         }
-        h.update(line.as_bytes());
+        h.update(l.line().as_bytes());
     }
-    Ok(TreeDigest {
+    TreeDigest {
         hex: h.finalize().to_hex().to_string(),
         files,
         bytes,
-    })
+        listing,
+    }
+}
+
+/// Whether `rel` (a `/`-joined relative path) lies in the `volatile/` folder.
+pub fn is_volatile(rel: &str) -> bool {
+    rel == VOLATILE || rel.starts_with(&format!("{VOLATILE}/"))
 }
 
 #[cfg(test)]

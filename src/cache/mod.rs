@@ -3,32 +3,46 @@
 //! Layout under the cache directory:
 //!
 //! ```text
-//! entries/<key>/manifest.json   what made the entry, and the digest of out/
-//! entries/<key>/out/            the artifact
+//! entries/<key>/manifest.json   what made the entry, the digest of out/ and its listing
+//! entries/<key>/out/            the artifact (read-only files)
 //! tmp/<key>.<pid>.<n>/          entries being written; renamed into entries/ when complete
 //! locks/<hash>                  the path of each lock file that recorded keys here (for gc)
 //! resume/<key>/                 checkpoints of an unfinished training run, until it succeeds
+//! stat-cache.json               digests of data files outside the cache ([`StatCache`])
 //! ```
 //!
 //! An entry is written into `tmp/`, its files synced, its manifest written last, and the
 //! directory renamed into `entries/` in one step: a killed run leaves only a `tmp/`
-//! directory, which no run accepts and the next run removes. Reading an entry re-hashes
-//! its `out/` and compares with the manifest, so a tampered or rotten entry is refused.
+//! directory, which no run accepts and the next run removes.
+//!
+//! Two checks guard what is read, by cost. [`Cache::lookup`], which decides that a node
+//! is cached, reads the manifest and compares the files' names, types and sizes with its
+//! listing, and their modes (read-only) without reading them: a run with nothing to do
+//! reads no artifact. A writable file (someone may have edited it) gets the full check
+//! instead. [`Cache::verify`] re-hashes every file and compares with the manifest; the
+//! executor runs it on every input of a node before the node reads it (once per entry
+//! and process), and `kpipe verify --cache` on every entry. A failure names the entry and
+//! the file.
 
 pub mod digest;
 pub mod lock;
+pub mod stat_cache;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-pub use digest::{TreeDigest, file_digest, tree_digest};
+pub use digest::{Listed, TreeDigest, file_digest, tree_digest};
 pub use lock::{LockFile, LockRecord};
+pub use stat_cache::StatCache;
 
 /// Bumped when the meaning of an artifact or a key changes: every key changes with it.
-pub const CACHE_FORMAT: u32 = 1;
+/// 2: load keys hash case files' content, `cases.json` paths are relative to the data
+/// root, manifests list their files.
+pub const CACHE_FORMAT: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -129,6 +143,9 @@ pub struct Manifest {
     pub files: u64,
     pub bytes: u64,
     pub duration_s: f64,
+    /// Every file, folder and link of `out/` (but `volatile/`), with sizes and digests.
+    #[serde(default)]
+    pub listing: Vec<Listed>,
 }
 
 /// A complete, verified entry.
@@ -148,6 +165,9 @@ impl Entry {
 #[derive(Debug, Clone)]
 pub struct Cache {
     root: PathBuf,
+    stat: Arc<StatCache>,
+    /// Keys whose content this process has re-hashed and found sound.
+    verified: Arc<Mutex<HashSet<String>>>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -160,13 +180,31 @@ impl Cache {
             std::fs::create_dir_all(&d).map_err(io("create cache directory", &d))?;
         }
         let root = std::fs::canonicalize(root).map_err(io("open cache directory", root))?;
-        let cache = Cache { root };
+        let cache = Cache {
+            stat: Arc::new(StatCache::at(&root.join("stat-cache.json"))),
+            root,
+            verified: Arc::default(),
+        };
         cache.remove_stale_tmp();
         Ok(cache)
     }
 
+    /// This cache, with `other`'s stat cache (a scratch cache of `verify` reads the same
+    /// data files as the pipeline's cache).
+    pub fn sharing_stat_cache(self, other: &Cache) -> Cache {
+        Cache {
+            stat: other.stat.clone(),
+            ..self
+        }
+    }
+
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    /// Digests of data files outside the cache, by their stat.
+    pub fn stat_cache(&self) -> &StatCache {
+        &self.stat
     }
 
     fn entry_dir(&self, key: &str) -> PathBuf {
@@ -178,27 +216,82 @@ impl Cache {
         self.read_manifest(&self.entry_dir(key)).ok()
     }
 
-    /// The entry for `key`, verified against its manifest; `None` if there is none.
+    /// The entry for `key`, its content re-hashed and compared with its manifest;
+    /// `None` if there is none.
     pub fn get(&self, key: &str) -> Result<Option<Entry>, CacheError> {
+        let Some(entry) = self.manifest_of(key)? else {
+            return Ok(None);
+        };
+        self.verify(&entry)?;
+        Ok(Some(entry))
+    }
+
+    /// The entry for `key`, checked without reading its files: its manifest, and its
+    /// files' names, types, sizes and modes against the manifest's listing. A file that
+    /// is no longer read-only gets the full check of [`Cache::verify`].
+    pub fn lookup(&self, key: &str) -> Result<Option<Entry>, CacheError> {
+        let Some(entry) = self.manifest_of(key)? else {
+            return Ok(None);
+        };
+        match quick_check(&entry) {
+            Quick::Sound => {}
+            Quick::Suspect(why) => {
+                tracing::debug!("re-hashing entry {}: {why}", short(key));
+                self.verify(&entry)?;
+            }
+            Quick::Broken(why) => {
+                return Err(CacheError::Corrupt {
+                    path: entry.dir.clone(),
+                    why: format!("{why} (the output of `{}`)", entry.manifest.stage),
+                });
+            }
+        }
+        Ok(Some(entry))
+    }
+
+    /// Re-hashes an entry's `out/` and compares with its manifest, naming the first file
+    /// that differs. Once an entry passed, it passes again without reading (per process).
+    pub fn verify(&self, entry: &Entry) -> Result<(), CacheError> {
+        let key = &entry.manifest.key;
+        let done = |v: &Mutex<HashSet<String>>| {
+            v.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(key.as_str())
+        };
+        if done(&self.verified) {
+            return Ok(());
+        }
+        let corrupt = |why: String| CacheError::Corrupt {
+            path: entry.dir.clone(),
+            why: format!("{why} (the output of `{}`)", entry.manifest.stage),
+        };
+        let actual =
+            tree_digest(&entry.out()).map_err(|e| corrupt(format!("cannot hash `out/`: {e}")))?;
+        if actual.hex != entry.manifest.output {
+            return Err(corrupt(
+                difference(&entry.manifest.listing, &actual.listing).unwrap_or_else(|| {
+                    format!(
+                        "its content digest is {} but its manifest records {}",
+                        short(&actual.hex),
+                        short(&entry.manifest.output)
+                    )
+                }),
+            ));
+        }
+        self.verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone());
+        Ok(())
+    }
+
+    /// The manifest of `key`'s entry, checked to be for `key`; `None` if there is none.
+    fn manifest_of(&self, key: &str) -> Result<Option<Entry>, CacheError> {
         let dir = self.entry_dir(key);
         if !dir.exists() {
             return Ok(None);
         }
         let entry = self.read_manifest(&dir)?;
-        let actual = tree_digest(&entry.out()).map_err(|e| CacheError::Corrupt {
-            path: dir.clone(),
-            why: format!("cannot hash `out/`: {e}"),
-        })?;
-        if actual.hex != entry.manifest.output {
-            return Err(CacheError::Corrupt {
-                path: dir,
-                why: format!(
-                    "its content digest is {} but its manifest records {}",
-                    short(&actual.hex),
-                    short(&entry.manifest.output)
-                ),
-            });
-        }
         if entry.manifest.key != key {
             return Err(CacheError::Corrupt {
                 path: dir,
@@ -320,6 +413,91 @@ fn short(hex: &str) -> &str {
     &hex[..hex.len().min(12)]
 }
 
+/// What [`quick_check`] found.
+enum Quick {
+    Sound,
+    /// Not wrong yet, but only reading the files can tell.
+    Suspect(String),
+    Broken(String),
+}
+
+/// An entry's `out/` against its manifest's listing, by names, types, sizes and modes.
+fn quick_check(entry: &Entry) -> Quick {
+    let listing = &entry.manifest.listing;
+    if listing.is_empty() && entry.manifest.files > 0 {
+        return Quick::Suspect("its manifest lists no files".into());
+    }
+    let found = match digest::walk(&entry.out()) {
+        Ok(found) => found,
+        Err(e) => return Quick::Broken(format!("cannot list `out/`: {e}")),
+    };
+    let mut want = listing.iter();
+    let mut suspect = None;
+    for (rel, e) in &found {
+        let Some(w) = want.next() else {
+            return Quick::Broken(format!("`{rel}` was added after it was written"));
+        };
+        if w.path() != rel {
+            return Quick::Broken(if w.path() < rel.as_str() {
+                format!("`{}` is missing", w.path())
+            } else {
+                format!("`{rel}` was added after it was written")
+            });
+        }
+        let ft = e.file_type();
+        match w {
+            Listed::Dir { .. } if ft.is_dir() => {}
+            Listed::Link { target, .. } if ft.is_symlink() => {
+                let now = std::fs::read_link(e.path()).map(|t| t.display().to_string());
+                if now.as_deref().ok() != Some(target.as_str()) {
+                    return Quick::Broken(format!("link `{rel}` points elsewhere"));
+                }
+            }
+            Listed::File { size, .. } if ft.is_file() => match e.metadata() {
+                Ok(m) if m.len() != *size => {
+                    return Quick::Broken(format!(
+                        "`{rel}` is {} bytes, but {size} were written",
+                        m.len()
+                    ));
+                }
+                Ok(m) if !m.permissions().readonly() => {
+                    suspect.get_or_insert_with(|| format!("`{rel}` is writable"));
+                }
+                Ok(_) => {}
+                Err(err) => return Quick::Broken(format!("cannot stat `{rel}`: {err}")),
+            },
+            _ => return Quick::Broken(format!("`{rel}` changed its type")),
+        }
+    }
+    if let Some(w) = want.next() {
+        return Quick::Broken(format!("`{}` is missing", w.path()));
+    }
+    suspect.map_or(Quick::Sound, Quick::Suspect)
+}
+
+/// The first entry where two listings differ, described; `None` if they agree.
+fn difference(written: &[Listed], now: &[Listed]) -> Option<String> {
+    let was: BTreeMap<&str, &Listed> = written.iter().map(|l| (l.path(), l)).collect();
+    let is: BTreeMap<&str, &Listed> = now.iter().map(|l| (l.path(), l)).collect();
+    let mut paths: Vec<&str> = was.keys().chain(is.keys()).copied().collect();
+    paths.sort_unstable();
+    paths.dedup();
+    paths.into_iter().find_map(|p| match (was.get(p), is.get(p)) {
+        (Some(a), Some(b)) if a == b => None,
+        (
+            Some(Listed::File { blake3: a, .. }),
+            Some(Listed::File { blake3: b, .. }),
+        ) => Some(format!(
+            "`{p}` has changed since it was written: its content digest is {} but {} was written",
+            short(b),
+            short(a)
+        )),
+        (Some(_), Some(_)) => Some(format!("`{p}` has changed since it was written")),
+        (Some(_), None) => Some(format!("`{p}` is missing")),
+        (None, _) => Some(format!("`{p}` was added after it was written")),
+    })
+}
+
 /// An entry being written. Dropped without [`EntryWriter::commit`], it removes itself.
 pub struct EntryWriter {
     cache: Cache,
@@ -351,6 +529,7 @@ impl EntryWriter {
         manifest.output = digest.hex;
         manifest.files = digest.files;
         manifest.bytes = digest.bytes;
+        manifest.listing = digest.listing;
         manifest.key = self.key.clone();
         let mpath = self.tmp.join("manifest.json");
         let text = serde_json::to_string_pretty(&manifest)
@@ -459,6 +638,7 @@ mod tests {
             files: 0,
             bytes: 0,
             duration_s: 0.0,
+            listing: vec![],
         }
     }
 
@@ -495,7 +675,79 @@ mod tests {
         let f = entry.out().join("a.txt");
         make_writable(&f);
         std::fs::write(&f, "hellO").unwrap();
-        assert!(matches!(cache.get("k1"), Err(CacheError::Corrupt { .. })));
+        // (a later process: this one remembers that it verified `k1`)
+        let later = Cache::open(dir.path()).unwrap();
+        assert!(matches!(later.get("k1"), Err(CacheError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn lookup_checks_sizes_and_modes_and_verify_reads_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let w = cache.begin("k1").unwrap();
+        std::fs::create_dir_all(w.out().join("sub")).unwrap();
+        std::fs::write(w.out().join("sub/a.bin"), "hello").unwrap();
+        std::fs::write(w.out().join("b.bin"), "world").unwrap();
+        let entry = w.commit(manifest()).unwrap();
+        assert_eq!(
+            entry.manifest.listing.len(),
+            3,
+            "{:?}",
+            entry.manifest.listing
+        );
+        let f = entry.out().join("sub/a.bin");
+        // same size, read-only again: a lookup cannot tell, reading can
+        make_writable(&f);
+        std::fs::write(&f, "hellO").unwrap();
+        set_readonly(&f);
+        let fresh = Cache::open(dir.path()).unwrap();
+        assert!(fresh.lookup("k1").unwrap().is_some());
+        let err = fresh.verify(&entry).unwrap_err().to_string();
+        assert!(
+            err.contains("`sub/a.bin` has changed since it was written"),
+            "{err}"
+        );
+        assert!(matches!(fresh.get("k1"), Err(CacheError::Corrupt { .. })));
+        // left writable: a lookup reads it
+        make_writable(&f);
+        assert!(matches!(
+            Cache::open(dir.path()).unwrap().lookup("k1"),
+            Err(CacheError::Corrupt { .. })
+        ));
+        // restored, then a file goes missing or appears: seen without reading
+        std::fs::write(&f, "hello").unwrap();
+        set_readonly(&f);
+        assert!(
+            Cache::open(dir.path())
+                .unwrap()
+                .get("k1")
+                .unwrap()
+                .is_some()
+        );
+        let extra = entry.out().join("c.bin");
+        std::fs::write(&extra, "x").unwrap();
+        let err = cache.lookup("k1").unwrap_err().to_string();
+        assert!(err.contains("`c.bin` was added"), "{err}");
+        std::fs::remove_file(&extra).unwrap();
+        make_writable(&entry.out().join("b.bin"));
+        std::fs::remove_file(entry.out().join("b.bin")).unwrap();
+        let err = cache.lookup("k1").unwrap_err().to_string();
+        assert!(err.contains("`b.bin` is missing"), "{err}");
+    }
+
+    #[test]
+    fn a_verified_entry_is_not_read_again_in_the_same_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        let w = cache.begin("k1").unwrap();
+        std::fs::write(w.out().join("a.txt"), "hello").unwrap();
+        let entry = w.commit(manifest()).unwrap();
+        cache.verify(&entry).unwrap();
+        let f = entry.out().join("a.txt");
+        make_writable(&f);
+        std::fs::write(&f, "hellO").unwrap();
+        assert!(cache.verify(&entry).is_ok(), "remembered");
+        assert!(Cache::open(dir.path()).unwrap().verify(&entry).is_err());
     }
 
     #[test]

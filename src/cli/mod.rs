@@ -524,11 +524,15 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             };
             let plan = load(&args)?;
             let lock_path = LockFile::path_for(&plan.spec.file, plan.spec.profile.as_deref());
-            if !lock_path.exists() {
+            if !lock_path.is_file() {
                 return Err(CliError::Usage(format!(
-                    "no lock file `{}` to verify against\nhint: run the pipeline first: `kpipe run {}`",
+                    "no lock file `{}` to verify against\nhint: run the pipeline first (`kpipe run {}{}`), or check out the lock file that came with it",
                     lock_path.display(),
-                    args.file.display()
+                    args.file.display(),
+                    args.profile
+                        .as_deref()
+                        .map(|p| format!(" --profile {p}"))
+                        .unwrap_or_default()
                 )));
             }
             let mut opts = RunOptions::default();
@@ -561,7 +565,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                         Some(d) => format!("MISMATCH (GPU metrics drift {d:.4})"),
                         None => "MISMATCH".into(),
                     },
-                    crate::verify::Verdict::Unlocked => "not in lock file".into(),
+                    crate::verify::Verdict::Unlocked => "NOT IN LOCK FILE".into(),
                     crate::verify::Verdict::Failed => "FAILED".into(),
                 };
                 writeln!(
@@ -577,6 +581,10 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                 .iter()
                 .filter(|c| c.verdict == crate::verify::Verdict::Mismatch)
                 .count();
+            let unlocked = checks
+                .iter()
+                .filter(|c| c.verdict == crate::verify::Verdict::Unlocked)
+                .count();
             let failed = checks
                 .iter()
                 .filter(|c| c.verdict == crate::verify::Verdict::Failed)
@@ -590,13 +598,19 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             } else {
                 String::new()
             };
+            let passed = checks.iter().filter(|c| c.passed()).count();
             writeln!(
                 stdout,
-                "{} nodes: {} match{tolerated}, {mismatches} mismatch, {failed} failed",
+                "{} nodes: {passed} match{tolerated}, {mismatches} mismatch, {unlocked} not in the lock file, {failed} failed",
                 checks.len(),
-                checks.len() - mismatches - failed
             )?;
-            Ok(if mismatches > 0 {
+            if unlocked > 0 {
+                eprintln!(
+                    "error: {unlocked} node(s) have no record in `{}`: nothing to verify them against\nhint: the lock file is older than the pipeline; run it (`kpipe run`) where its results are trusted and commit the lock file",
+                    lock_path.display()
+                );
+            }
+            Ok(if mismatches > 0 || unlocked > 0 {
                 exit::CORRUPT
             } else if failed > 0 {
                 exit::STAGE_FAILED

@@ -130,7 +130,10 @@ fn check(
             vec![],
         );
     }
-    let ctx = CheckContext { pipeline_dir: dir };
+    let ctx = CheckContext {
+        pipeline_dir: dir,
+        stat_cache: None,
+    };
     let mut stages = Vec::new();
     match doc.root.get("stages") {
         Some(Value::Table(table)) => {

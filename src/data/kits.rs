@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::nifti::{NiftiError, Volume, read_header, squeeze3};
+use super::nifti::{NiftiError, Volume, nibabel_pixdim, read_header, squeeze3};
 use crate::cache::file_digest;
 
 /// What to do with labels outside {0, 1, 2}.
@@ -32,7 +32,7 @@ pub enum LabelPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CaseRecord {
     pub id: String,
-    /// Paths: relative ones are relative to the artifact holding the table.
+    /// Paths relative to the table's data root ([`CaseTable::data_dir`]).
     pub imaging: PathBuf,
     pub segmentation: PathBuf,
     /// (slices, rows, columns).
@@ -59,6 +59,10 @@ impl CaseRecord {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CaseTable {
     pub source: String,
+    /// Where the cases' paths start: a folder inside the artifact holding the table
+    /// (synthetic phantoms), or `None`: the KiTS19 folder the load stage read, outside
+    /// the cache, which is not recorded (the executor hands it to the reading stage).
+    pub root: Option<PathBuf>,
     pub cases: Vec<CaseRecord>,
     pub label_policy: LabelPolicy,
 }
@@ -78,12 +82,17 @@ impl CaseTable {
         })
     }
 
-    /// A case's volume path resolved against the artifact directory.
-    pub fn resolve(artifact: &Path, p: &Path) -> PathBuf {
-        if p.is_relative() {
-            artifact.join(p)
-        } else {
-            p.to_path_buf()
+    /// The folder the cases' paths are relative to: `root` inside `artifact`, else the
+    /// data folder outside the cache (`external`, the load stage's `path`).
+    pub fn data_dir(&self, artifact: &Path, external: Option<&Path>) -> Result<PathBuf, KitsError> {
+        match (&self.root, external) {
+            (Some(root), _) => Ok(artifact.join(root)),
+            (None, Some(dir)) => Ok(dir.to_path_buf()),
+            (None, None) => Err(KitsError::Invalid {
+                path: artifact.join(Self::FILE),
+                why: "the cases live in a data folder outside the cache, and no folder was given"
+                    .into(),
+            }),
         }
     }
 }
@@ -119,17 +128,9 @@ struct VoxelSpacing {
     z_spacing: f64,
 }
 
-/// Scans a KiTS19 folder and checks every case. `warn` receives non-fatal findings.
-pub fn scan(
-    root: &Path,
-    policy: LabelPolicy,
-    warn: &(dyn Fn(String) + Sync),
-) -> Result<Vec<CaseRecord>, KitsError> {
-    let rd = std::fs::read_dir(root).map_err(|source| KitsError::Io {
-        path: root.into(),
-        source,
-    })?;
-    let mut folders: Vec<String> = rd
+/// The `case_XXXXX` folders of a KiTS19 folder, sorted.
+pub fn case_folders(root: &Path) -> std::io::Result<Vec<String>> {
+    let mut folders: Vec<String> = std::fs::read_dir(root)?
         .flatten()
         .filter(|e| e.path().is_dir())
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
@@ -138,6 +139,30 @@ pub fn scan(
         })
         .collect();
     folders.sort();
+    Ok(folders)
+}
+
+/// Scans a KiTS19 folder and checks every case. `warn` receives non-fatal findings.
+/// Volume paths are under `root`; digests are read from the files.
+pub fn scan(
+    root: &Path,
+    policy: LabelPolicy,
+    warn: &(dyn Fn(String) + Sync),
+) -> Result<Vec<CaseRecord>, KitsError> {
+    scan_with(root, policy, warn, &file_digest)
+}
+
+/// [`scan`], with the volumes' content digests from `digest` (a stat cache).
+pub fn scan_with(
+    root: &Path,
+    policy: LabelPolicy,
+    warn: &(dyn Fn(String) + Sync),
+    digest: &(dyn Fn(&Path) -> std::io::Result<String> + Sync),
+) -> Result<Vec<CaseRecord>, KitsError> {
+    let folders = case_folders(root).map_err(|source| KitsError::Io {
+        path: root.into(),
+        source,
+    })?;
     let kits_json = root.join("kits.json");
     let records: BTreeMap<String, Option<[f64; 3]>> = if kits_json.exists() {
         let text = std::fs::read_to_string(&kits_json).map_err(|source| KitsError::Io {
@@ -195,7 +220,16 @@ pub fn scan(
     }
     let results: Vec<Result<CaseRecord, KitsError>> = cases
         .par_iter()
-        .map(|id| check_case(root, id, records.get(*id).copied().flatten(), policy, warn))
+        .map(|id| {
+            check_case(
+                root,
+                id,
+                records.get(*id).copied().flatten(),
+                policy,
+                warn,
+                digest,
+            )
+        })
         .collect();
     let mut out = Vec::new();
     for r in results {
@@ -217,6 +251,7 @@ fn check_case(
     json_spacing: Option<[f64; 3]>,
     policy: LabelPolicy,
     warn: &(dyn Fn(String) + Sync),
+    digest: &(dyn Fn(&Path) -> std::io::Result<String> + Sync),
 ) -> Result<CaseRecord, KitsError> {
     let dir = root.join(id);
     let case = || id.to_string();
@@ -289,7 +324,8 @@ fn check_case(
             }
         }
     }
-    let spacing = [1, 2, 3].map(|i| f64::from(img.header.pixdim[i]));
+    let pixdim = nibabel_pixdim(&img.header);
+    let spacing = [1, 2, 3].map(|i| f64::from(pixdim[i]));
     if let Some(js) = json_spacing
         && (0..3).any(|i| (js[i] - spacing[i]).abs() > 1e-4 * spacing[i].abs().max(1.0))
     {
@@ -298,7 +334,7 @@ fn check_case(
         ));
     }
     let digest = |p: &Path| {
-        file_digest(p).map_err(|source| KitsError::Io {
+        digest(p).map_err(|source| KitsError::Io {
             path: p.into(),
             source,
         })

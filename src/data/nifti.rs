@@ -33,6 +33,14 @@ pub enum NiftiError {
     Datatype { path: PathBuf, code: i16 },
     #[error("`{path}`: {why}")]
     Invalid { path: PathBuf, why: String },
+    #[error(
+        "`{path}` has changed since it was loaded: its content digest is {actual}, but {recorded} was recorded\nhint: run the pipeline again: the load stage sees the change and what depends on it runs again"
+    )]
+    Changed {
+        path: PathBuf,
+        actual: String,
+        recorded: String,
+    },
 }
 
 /// Runs the macro `$go` with the Rust type of a [`Datatype`].
@@ -176,7 +184,17 @@ impl Volume {
 
     /// [`Volume::read`] into reused memory.
     pub fn read_with(path: &Path, bufs: &mut ReadBuffers) -> Result<Volume, NiftiError> {
-        let bytes = read_maybe_gz(path, None, bufs)?;
+        Volume::read_checked(path, bufs, None)
+    }
+
+    /// [`Volume::read_with`], and the file's bytes as read must have the BLAKE3 digest
+    /// `blake3` (hex), when given: a file changed since it was recorded is an error.
+    pub fn read_checked(
+        path: &Path,
+        bufs: &mut ReadBuffers,
+        blake3: Option<&str>,
+    ) -> Result<Volume, NiftiError> {
+        let bytes = read_maybe_gz(path, None, blake3, bufs)?;
         let Header {
             header,
             datatype,
@@ -214,7 +232,7 @@ impl Volume {
                     });
                 }
                 let offset = header.vox_offset.max(0.0) as usize;
-                let data = read_maybe_gz(&img, Some(offset + nbytes), bufs)?;
+                let data = read_maybe_gz(&img, Some(offset + nbytes), None, bufs)?;
                 bufs.spare.push(bytes); // the header file's
                 (data, offset, img)
             }
@@ -441,35 +459,76 @@ impl Volume {
         Ok(by_datatype!(self.datatype, go))
     }
 
-    /// The affine nibabel picks: sform if sform_code > 0, else qform if qform_code > 0,
-    /// else the fallback `diag(pixdim[1..4])`.
+    /// The affine nibabel gives (`img.affine`): see [`nibabel_affine`].
     pub fn affine(&self) -> [[f64; 4]; 4] {
-        let h = &self.header;
-        if h.sform_code > 0 {
-            let r = |row: [f32; 4]| row.map(f64::from);
-            return [r(h.srow_x), r(h.srow_y), r(h.srow_z), [0.0, 0.0, 0.0, 1.0]];
-        }
-        if h.qform_code > 0 {
-            return qform_affine(h);
-        }
-        let p = |i: usize| f64::from(h.pixdim[i]);
-        [
-            [p(1), 0.0, 0.0, 0.0],
-            [0.0, p(2), 0.0, 0.0],
-            [0.0, 0.0, p(3), 0.0],
-            [0.0, 0.0, 0.0, 1.0],
-        ]
+        nibabel_affine(&self.header, &self.shape)
     }
 
-    /// Voxel spacing, `pixdim[1..=3]`.
+    /// Voxel spacing, `pixdim[1..=3]` as nibabel reads it ([`nibabel_pixdim`]).
     pub fn spacing(&self) -> [f64; 3] {
-        [1, 2, 3].map(|i| f64::from(self.header.pixdim[i]))
+        let p = nibabel_pixdim(&self.header);
+        [1, 2, 3].map(|i| f64::from(p[i]))
     }
 }
 
+/// The affine nibabel picks (`Nifti1Header.get_best_affine`): the sform if sform_code is
+/// set, else the qform if qform_code is, else its base affine (`get_base_affine`: x
+/// flipped, the origin at the volume's centre), all after nibabel's header fixes
+/// ([`nibabel_pixdim`]; codes outside 0..=5 count as 0). `shape` is `dim[1..=dim[0]]`.
+pub fn nibabel_affine(h: &NiftiHeader, shape: &[usize]) -> [[f64; 4]; 4] {
+    let code = |c: i16| if (0..=5).contains(&c) { c } else { 0 };
+    if code(h.sform_code) != 0 {
+        let r = |row: [f32; 4]| row.map(f64::from);
+        return [r(h.srow_x), r(h.srow_y), r(h.srow_z), [0.0, 0.0, 0.0, 1.0]];
+    }
+    let pixdim = nibabel_pixdim(h);
+    if code(h.qform_code) != 0 {
+        return qform_affine(h, &pixdim);
+    }
+    base_affine(shape, &pixdim)
+}
+
+/// `pixdim` as nibabel holds it after loading: its header checks set a qfac
+/// (`pixdim[0]`) other than 1 or -1 to 1, and `pixdim[1..=3]` that are 0 to 1 and
+/// negative ones to their absolute value.
+pub fn nibabel_pixdim(h: &NiftiHeader) -> [f32; 8] {
+    let mut p = h.pixdim;
+    if p[0] != 1.0 && p[0] != -1.0 {
+        p[0] = 1.0;
+    }
+    for v in &mut p[1..4] {
+        if *v == 0.0 {
+            *v = 1.0;
+        } else if *v < 0.0 {
+            *v = -*v;
+        }
+    }
+    p
+}
+
+/// nibabel's `shape_zoom_affine(shape, zooms, x_flip=True)`: zooms on the diagonal, the
+/// first negated, and the translation that puts the volume's centre at the origin;
+/// shapes of fewer than 3 axes are padded with 1s (spacing 1).
+fn base_affine(shape: &[usize], pixdim: &[f32; 8]) -> [[f64; 4]; 4] {
+    let mut m = [[0.0; 4]; 4];
+    for i in 0..3 {
+        let (n, zoom) = match shape.get(i) {
+            Some(&n) => (n as f64, f64::from(pixdim[i + 1])),
+            None => (1.0, 1.0),
+        };
+        let zoom = if i == 0 { -zoom } else { zoom };
+        let origin = (n - 1.0) / 2.0;
+        m[i][i] = zoom;
+        m[i][3] = -origin * zoom;
+    }
+    m[3][3] = 1.0;
+    m
+}
+
 /// nibabel's `get_qform()`: `fillpositive` (|w²| under 3 float32 epsilons counts as 0)
-/// and `quat2mat`, in float64 where nibabel uses long double, then pixdim and qfac.
-fn qform_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
+/// and `quat2mat`, in float64 where nibabel uses long double, then pixdim and qfac (as
+/// nibabel's header checks left them).
+fn qform_affine(h: &NiftiHeader, pixdim: &[f32; 8]) -> [[f64; 4]; 4] {
     let (x, y, z) = (
         f64::from(h.quatern_b),
         f64::from(h.quatern_c),
@@ -496,11 +555,11 @@ fn qform_affine(h: &NiftiHeader) -> [[f64; 4]; 4] {
             [xz - wy, yz + wx, 1.0 - (xx + yy)],
         ]
     };
-    let qfac = if h.pixdim[0] < 0.0 { -1.0 } else { 1.0 };
+    let qfac = f64::from(pixdim[0]);
     let zooms = [
-        f64::from(h.pixdim[1]),
-        f64::from(h.pixdim[2]),
-        f64::from(h.pixdim[3]) * qfac,
+        f64::from(pixdim[1]),
+        f64::from(pixdim[2]),
+        f64::from(pixdim[3]) * qfac,
     ];
     let t = [
         f64::from(h.quatern_x),
@@ -643,10 +702,12 @@ fn pair_image(path: &Path) -> Option<PathBuf> {
 }
 
 /// Reads a file, inflating it if it starts with the gzip magic bytes. `size` is how many
-/// bytes are needed, when known; otherwise the NIfTI header at the start tells.
+/// bytes are needed, when known; otherwise the NIfTI header at the start tells. With
+/// `blake3`, the bytes read must have that digest.
 fn read_maybe_gz(
     path: &Path,
     size: Option<usize>,
+    blake3: Option<&str>,
     bufs: &mut ReadBuffers,
 ) -> Result<Vec<u8>, NiftiError> {
     let io = |source| NiftiError::Io {
@@ -657,6 +718,21 @@ fn read_maybe_gz(
     let mut compressed = std::mem::take(&mut bufs.file);
     compressed.clear();
     file.read_to_end(&mut compressed).map_err(io)?;
+    if let Some(recorded) = blake3 {
+        let actual = blake3::Hasher::new()
+            .update_rayon(&compressed)
+            .finalize()
+            .to_hex()
+            .to_string();
+        if actual != recorded {
+            bufs.file = compressed;
+            return Err(NiftiError::Changed {
+                path: path.into(),
+                actual: actual[..12].into(),
+                recorded: recorded[..recorded.len().min(12)].into(),
+            });
+        }
+    }
     if !compressed.starts_with(&GZIP_MAGIC) {
         return Ok(compressed);
     }
@@ -799,9 +875,71 @@ pub struct NewVolume<'a> {
     pub description: &'a str,
 }
 
+/// The fields of a header that place a volume in space, written as they are.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Geometry {
+    /// `pixdim[0]` is qfac.
+    pub pixdim: [f32; 8],
+    pub qform_code: i16,
+    pub sform_code: i16,
+    /// `quatern_b`, `quatern_c`, `quatern_d`, `qoffset_x`, `qoffset_y`, `qoffset_z`.
+    pub quatern: [f32; 6],
+    pub srow: [[f32; 4]; 3],
+    pub xyzt_units: u8,
+    pub dim_info: u8,
+}
+
+impl Geometry {
+    /// A header's geometry as stored (nibabel's load-time fixes are a reader's business:
+    /// a file written with it reads back with the same affine).
+    pub fn of(h: &NiftiHeader) -> Geometry {
+        Geometry {
+            pixdim: h.pixdim,
+            qform_code: h.qform_code,
+            sform_code: h.sform_code,
+            quatern: [
+                h.quatern_b,
+                h.quatern_c,
+                h.quatern_d,
+                h.quatern_x,
+                h.quatern_y,
+                h.quatern_z,
+            ],
+            srow: [h.srow_x, h.srow_y, h.srow_z],
+            xyzt_units: h.xyzt_units,
+            dim_info: h.dim_info,
+        }
+    }
+
+    /// What [`write_volume`] writes: the affine as an aligned sform (code 2), no qform,
+    /// the spacing in pixdim, millimetres.
+    fn of_new(v: &NewVolume) -> Geometry {
+        let [a, b, c] = v.spacing;
+        Geometry {
+            pixdim: [1.0, a, b, c, 0.0, 0.0, 0.0, 0.0],
+            qform_code: 0,
+            sform_code: 2,
+            quatern: [0.0; 6],
+            srow: v.affine,
+            xyzt_units: 2,
+            dim_info: 0,
+        }
+    }
+}
+
 /// Writes a little-endian single-file NIfTI-1 (`n+1`), gzipped if the name ends in `.gz`.
 /// Written to a temporary sibling and renamed, so a reader never sees half a file.
 pub fn write_volume(path: &Path, v: &NewVolume) -> Result<(), NiftiError> {
+    write_volume_with(path, v, &Geometry::of_new(v))
+}
+
+/// [`write_volume`] with another header's geometry (qform, sform, their codes, pixdim,
+/// units) instead of `v.spacing` and `v.affine`: a prediction keeps its input's.
+pub fn write_volume_with(
+    path: &Path,
+    v: &NewVolume,
+    geometry: &Geometry,
+) -> Result<(), NiftiError> {
     let io = |source| NiftiError::Io {
         path: path.into(),
         source,
@@ -817,7 +955,7 @@ pub fn write_volume(path: &Path, v: &NewVolume) -> Result<(), NiftiError> {
             ),
         });
     }
-    let mut bytes = header_bytes(v);
+    let mut bytes = header_bytes(v, geometry);
     bytes.extend_from_slice(v.data);
     let gz = path.extension().is_some_and(|e| e == "gz");
     let payload = if gz {
@@ -838,7 +976,7 @@ pub fn write_volume(path: &Path, v: &NewVolume) -> Result<(), NiftiError> {
     crate::cache::write_atomic(path, &payload).map_err(io)
 }
 
-fn header_bytes(v: &NewVolume) -> Vec<u8> {
+fn header_bytes(v: &NewVolume, g: &Geometry) -> Vec<u8> {
     let mut h = Vec::with_capacity(352 + v.data.len());
     let i16s = |h: &mut Vec<u8>, x: i16| h.extend_from_slice(&x.to_le_bytes());
     let f32s = |h: &mut Vec<u8>, x: f32| h.extend_from_slice(&x.to_le_bytes());
@@ -847,7 +985,7 @@ fn header_bytes(v: &NewVolume) -> Vec<u8> {
     h.extend_from_slice(&0i32.to_le_bytes()); // extents
     i16s(&mut h, 0); // session_error
     h.push(b'r'); // regular
-    h.push(0); // dim_info
+    h.push(g.dim_info);
     let dims = [
         3,
         v.shape[0] as i16,
@@ -868,16 +1006,7 @@ fn header_bytes(v: &NewVolume) -> Vec<u8> {
     i16s(&mut h, v.datatype.code());
     i16s(&mut h, (v.datatype.size() * 8) as i16);
     i16s(&mut h, 0); // slice_start
-    for p in [
-        1.0,
-        v.spacing[0],
-        v.spacing[1],
-        v.spacing[2],
-        0.0,
-        0.0,
-        0.0,
-        0.0,
-    ] {
+    for p in g.pixdim {
         f32s(&mut h, p);
     }
     f32s(&mut h, 352.0); // vox_offset
@@ -885,7 +1014,7 @@ fn header_bytes(v: &NewVolume) -> Vec<u8> {
     f32s(&mut h, 0.0); // scl_inter
     i16s(&mut h, 0); // slice_end
     h.push(0); // slice_code
-    h.push(2); // xyzt_units: mm
+    h.push(g.xyzt_units);
     for _ in 0..4 {
         f32s(&mut h, 0.0); // cal_max, cal_min, slice_duration, toffset
     }
@@ -895,12 +1024,12 @@ fn header_bytes(v: &NewVolume) -> Vec<u8> {
     descrip[..d.len().min(79)].copy_from_slice(&d[..d.len().min(79)]);
     h.extend_from_slice(&descrip);
     h.extend_from_slice(&[0u8; 24]); // aux_file
-    i16s(&mut h, 0); // qform_code
-    i16s(&mut h, 2); // sform_code: aligned
-    for _ in 0..6 {
-        f32s(&mut h, 0.0); // quaternion
+    i16s(&mut h, g.qform_code);
+    i16s(&mut h, g.sform_code);
+    for q in g.quatern {
+        f32s(&mut h, q);
     }
-    for row in v.affine {
+    for row in g.srow {
         for x in row {
             f32s(&mut h, x);
         }
@@ -958,9 +1087,10 @@ impl Volume {
             shape: self.shape.clone(),
             datatype: self.datatype.name(),
             endianness: if self.big_endian { "big" } else { "little" },
-            spacing: (1..=ndim)
-                .map(|i| f64::from(self.header.pixdim[i]))
-                .collect(),
+            spacing: {
+                let p = nibabel_pixdim(&self.header);
+                (1..=ndim).map(|i| f64::from(p[i])).collect()
+            },
             affine: self.affine(),
             scl_slope: slope,
             scl_inter: inter,

@@ -3,9 +3,12 @@
 //! Nodes whose inputs are ready run concurrently, up to `jobs` at a time; nodes that
 //! train take one of `device_slots` too, so two trainings never share one device. Each
 //! node's key is computed once its inputs' output digests are known; a node whose key is
-//! in the cache is not run. A failed node skips its dependents and lets independent
-//! nodes finish (or, with `fail_fast`, stops starting new ones). Events go to a
-//! [`Reporter`]; nothing here draws on the terminal.
+//! in the cache is not run, and its entry is checked by sizes and modes only
+//! ([`Cache::lookup`]): a run with nothing to do reads no artifact. A node that runs has
+//! each of its inputs' entries re-hashed first ([`Cache::verify`]); a corrupt one fails
+//! it with exit code 3. A failed node skips its dependents and lets independent nodes
+//! finish (or, with `fail_fast`, stops starting new ones). Events go to a [`Reporter`];
+//! nothing here draws on the terminal.
 
 mod preview;
 
@@ -147,6 +150,7 @@ pub(crate) struct NodeKey {
 /// digest is unknown.
 pub(crate) fn node_key(
     plan: &Plan,
+    cache: &Cache,
     i: usize,
     digests: &[Option<String>],
 ) -> Result<Option<NodeKey>, StageError> {
@@ -160,6 +164,7 @@ pub(crate) fn node_key(
     }
     let extra = st.stage.key_material(&CheckContext {
         pipeline_dir: &plan.spec.dir,
+        stat_cache: Some(cache.stat_cache()),
     })?;
     let params = st.stage.params();
     let key = KeyMaterial {
@@ -192,7 +197,7 @@ pub fn run(
     let mut digests: Vec<Option<String>> = vec![None; n];
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
     reporter.event(Event::Planned { nodes: n });
-    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<(Entry, f64), String>)>();
+    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<(Entry, f64), NodeFailure>)>();
     std::thread::scope(|scope| {
         let (mut running, mut device_busy, mut stop) = (0usize, 0usize, false);
         loop {
@@ -224,7 +229,7 @@ pub fn run(
                 if deps.iter().any(|&d| digests[d].is_none()) {
                     continue;
                 }
-                let key = match node_key(plan, i, &digests) {
+                let key = match node_key(plan, cache, i, &digests) {
                     Ok(Some(k)) => k,
                     Ok(None) => continue,
                     Err(e) => {
@@ -236,7 +241,7 @@ pub fn run(
                         continue;
                     }
                 };
-                match cache.get(&key.key) {
+                match cache.lookup(&key.key) {
                     Ok(Some(entry)) => {
                         reporter.event(Event::Cached { id });
                         digests[i] = Some(entry.manifest.output.clone());
@@ -271,11 +276,11 @@ pub fn run(
                 device_busy += usize::from(device);
                 state[i] = State::Running;
                 reporter.event(Event::Started { id });
-                let inputs: BTreeMap<String, PathBuf> = deps
+                let inputs: Vec<(String, Entry)> = deps
                     .iter()
                     .filter_map(|&d| match &state[d] {
                         State::Done { entry, .. } => {
-                            Some((plan.spec.stages[d].id.clone(), entry.out()))
+                            Some((plan.spec.stages[d].id.clone(), (**entry).clone()))
                         }
                         _ => None,
                     })
@@ -311,15 +316,22 @@ pub fn run(
                         entry: Box::new(entry),
                     };
                 }
-                Err(error) => {
+                Err(NodeFailure { error, corrupt }) => {
                     reporter.event(Event::Failed { id, error: &error });
-                    outcomes[i] = Some(Outcome::Failed { error });
+                    outcomes[i] = Some(if corrupt {
+                        Outcome::Corrupt { error }
+                    } else {
+                        Outcome::Failed { error }
+                    });
                     state[i] = State::Ended;
                     stop |= opts.fail_fast;
                 }
             }
         }
     });
+    if let Err(e) = cache.stat_cache().save() {
+        tracing::warn!("cannot save the stat cache: {e}");
+    }
     let summary = RunSummary {
         outcomes: plan
             .order()
@@ -338,18 +350,58 @@ pub fn run(
     Ok(summary)
 }
 
+/// Why a node did not complete: a failure, or a corrupt input entry (exit code 3).
+struct NodeFailure {
+    error: String,
+    corrupt: bool,
+}
+
+impl From<String> for NodeFailure {
+    fn from(error: String) -> Self {
+        NodeFailure {
+            error,
+            corrupt: false,
+        }
+    }
+}
+
 fn run_node(
     plan: &Plan,
     cache: &Cache,
     i: usize,
     key: &NodeKey,
-    inputs: &BTreeMap<String, PathBuf>,
+    input_entries: &[(String, Entry)],
     reporter: &dyn Reporter,
-) -> Result<(Entry, f64), String> {
+) -> Result<(Entry, f64), NodeFailure> {
     let st = &plan.spec.stages[i];
     let span = tracing::info_span!("stage", id = %st.id, kind = st.stage.kind());
     let _guard = span.enter();
     let start = Instant::now();
+    // what the stage is about to read must be what was written
+    for (id, entry) in input_entries {
+        cache.verify(entry).map_err(|e| NodeFailure {
+            error: format!(
+                "input `{id}`: {e}\nhint: remove it (`kpipe gc --corrupt`) and run again"
+            ),
+            corrupt: true,
+        })?;
+    }
+    let inputs: BTreeMap<String, PathBuf> = input_entries
+        .iter()
+        .map(|(id, entry)| (id.clone(), entry.out()))
+        .collect();
+    let check = CheckContext {
+        pipeline_dir: &plan.spec.dir,
+        stat_cache: Some(cache.stat_cache()),
+    };
+    let data_roots: BTreeMap<String, PathBuf> = plan
+        .dependencies(i)
+        .into_iter()
+        .filter_map(|d| {
+            let dep = &plan.spec.stages[d];
+            dep.stage.data_root(&check).map(|r| (dep.id.clone(), r))
+        })
+        .collect();
     let writer = cache.begin(&key.key).map_err(|e| e.to_string())?;
     let (out, scratch) = (writer.out(), writer.scratch());
     let resume = cache.resume_dir(&key.key);
@@ -366,7 +418,9 @@ fn run_node(
         scratch: &scratch,
         resume: &resume,
         pipeline_dir: &plan.spec.dir,
-        inputs,
+        inputs: &inputs,
+        data_roots: &data_roots,
+        stat_cache: cache.stat_cache(),
         progress: &progress,
     };
     tracing::info!("running");
@@ -386,6 +440,7 @@ fn run_node(
         files: 0,
         bytes: 0,
         duration_s: seconds,
+        listing: vec![],
     };
     let entry = writer.commit(manifest).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(&resume);

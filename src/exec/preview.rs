@@ -37,7 +37,7 @@ pub fn preview(plan: &Plan, cache: &Cache) -> Result<Vec<NodePreview>, StageErro
     let mut out = Vec::new();
     for &i in plan.order() {
         let st = &plan.spec.stages[i];
-        let key = node_key(plan, i, &digests)?;
+        let key = node_key(plan, cache, i, &digests)?;
         let cached = key.as_ref().and_then(|k| cache.peek(&k.key));
         let (status, reason) = match (&key, &cached) {
             (Some(_), Some(entry)) => {
@@ -77,6 +77,9 @@ pub fn preview(plan: &Plan, cache: &Cache) -> Result<Vec<NodePreview>, StageErro
             status,
             reason,
         });
+    }
+    if let Err(e) = cache.stat_cache().save() {
+        tracing::warn!("cannot save the stat cache: {e}");
     }
     Ok(out)
 }
@@ -149,8 +152,16 @@ fn changed_keys(old: &serde_json::Value, new: &serde_json::Value) -> Vec<String>
     keys.into_iter()
         .filter(|k| o.get(*k) != n.get(*k))
         .map(|k| {
-            let show =
-                |v: Option<&serde_json::Value>| v.map_or("unset".to_string(), |v| v.to_string());
+            let show = |v: Option<&serde_json::Value>| match v {
+                None => "unset".to_string(),
+                // content digests (a data file's) are told apart by their first digits
+                Some(serde_json::Value::String(d))
+                    if d.len() == 64 && d.bytes().all(|b| b.is_ascii_hexdigit()) =>
+                {
+                    format!("{}…", &d[..12])
+                }
+                Some(v) => v.to_string(),
+            };
             format!("`{k}` ({} -> {})", show(o.get(k)), show(n.get(k)))
         })
         .collect()

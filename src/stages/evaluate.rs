@@ -39,7 +39,7 @@ use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::backend::{self, BackendKind};
 use crate::data::kits::{self, CaseTable};
 use crate::data::loader::{batch, slices_of};
-use crate::data::nifti::Volume;
+use crate::data::nifti::{ReadBuffers, Volume};
 use crate::data::slices::SliceStore;
 use crate::metrics::kits::{LabelPolicy, labels_of, score};
 use crate::metrics::{ScoreSummary, SliceScores, nan_mean};
@@ -161,6 +161,9 @@ impl Stage for Evaluate {
         let store = SliceStore::open(ctx.input(&self.slices)?).map_err(StageError::other)?;
         let cases_dir = ctx.input(&self.cases)?;
         let table = CaseTable::read(cases_dir).map_err(StageError::other)?;
+        let data = table
+            .data_dir(cases_dir, ctx.data_root(&self.cases))
+            .map_err(StageError::other)?;
         let cases = super::split::SplitFile::read(ctx.input(&self.part)?)?
             .cases(&self.part, "eval", self.fold)?;
         if cases.is_empty() {
@@ -187,9 +190,14 @@ impl Stage for Evaluate {
                     self.part, self.cases
                 ))
             })?;
-            let img_path = CaseTable::resolve(cases_dir, &record.imaging);
-            let seg_path = CaseTable::resolve(cases_dir, &record.segmentation);
-            let img = Volume::read(&img_path).map_err(StageError::other)?;
+            let (img_path, seg_path) =
+                (data.join(&record.imaging), data.join(&record.segmentation));
+            // the bytes the load stage recorded, or an error naming the changed file
+            let read = |p: &std::path::Path, digest: &str| {
+                Volume::read_checked(p, &mut ReadBuffers::default(), Some(digest))
+                    .map_err(StageError::other)
+            };
+            let img = read(&img_path, &record.imaging_digest)?;
             let pred =
                 segment(&net, &file, &device, &img, self.batch_size).map_err(StageError::other)?;
             let (truth, shape) =

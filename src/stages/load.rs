@@ -14,9 +14,16 @@
 //! ```
 //!
 //! The output is `cases.json` (id, paths, shape, spacing, label counts, content digests
-//! of both volumes); synthetic volumes live inside the artifact under `data/`. For a
-//! folder, the key covers each case file's size and modification time: edit a volume
-//! and the stage runs again.
+//! of both volumes). Paths are relative to the data root: `data/` inside the artifact for
+//! synthetic volumes, the `path` folder for KiTS19, which the executor hands to the
+//! stages that read the table ([`Stage::data_root`]).
+//!
+//! Keys and artifacts do not depend on where the folder is: `path` stays out of the
+//! parameters that enter the key (and the lock file), and the key covers the content
+//! (BLAKE3) of `kits.json` and of both volumes of each case loaded, not their paths or
+//! modification times. The same data copied elsewhere, or cloned with fresh mtimes, has
+//! the same keys; edit one voxel and the stage runs again, and `kpipe plan` names the
+//! file. The [`crate::cache::StatCache`] spares re-reading files whose stat is unchanged.
 
 use std::path::{Path, PathBuf};
 
@@ -39,8 +46,9 @@ pub enum Source {
 pub struct Load {
     #[serde(default)]
     pub source: Source,
-    /// The KiTS19 `data` folder (source = "kits19"), relative to the pipeline file.
-    #[serde(default)]
+    /// The KiTS19 `data` folder (source = "kits19"), relative to the pipeline file. Not
+    /// part of the key: the content of its files is.
+    #[serde(default, skip_serializing)]
     pub path: Option<String>,
     /// Synthetic cases to generate.
     #[serde(default = "default_cases")]
@@ -115,7 +123,22 @@ impl Stage for Load {
         let Some(folder) = self.folder(ctx).filter(|_| self.source == Source::Kits19) else {
             return Ok(serde_json::Value::Null);
         };
-        Ok(stamps(&folder)?.into())
+        let mut out = serde_json::Map::new();
+        for (rel, path) in case_files(&folder, self.limit)? {
+            let digest = if path.exists() {
+                ctx.file_digest(&path)
+                    .map_err(StageError::io("hash", &path))?
+            } else {
+                "missing".into()
+            };
+            out.insert(rel, digest.into());
+        }
+        Ok(out.into())
+    }
+
+    fn data_root(&self, ctx: &CheckContext) -> Option<PathBuf> {
+        let folder = self.folder(ctx).filter(|_| self.source == Source::Kits19)?;
+        std::path::absolute(&folder).ok()
     }
 
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
@@ -140,6 +163,7 @@ impl Stage for Load {
                 let folder = self
                     .folder(&CheckContext {
                         pipeline_dir: ctx.pipeline_dir,
+                        stat_cache: None,
                     })
                     .unwrap_or_default();
                 (
@@ -149,22 +173,28 @@ impl Stage for Load {
             }
         };
         ctx.report(0, 1, "checking cases");
-        let mut cases = kits::scan(&root, self.label_policy, &warn).map_err(StageError::other)?;
+        let mut cases = match self.source {
+            // phantoms are new files in the artifact: nothing to look up
+            Source::Synthetic => kits::scan(&root, self.label_policy, &warn),
+            Source::Kits19 => kits::scan_with(&root, self.label_policy, &warn, &|p| {
+                ctx.stat_cache.digest(p)
+            }),
+        }
+        .map_err(StageError::other)?;
         if let Some(limit) = self.limit {
             cases.truncate(limit);
         }
-        if self.source == Source::Synthetic {
-            for c in &mut cases {
-                for p in [&mut c.imaging, &mut c.segmentation] {
-                    *p = p
-                        .strip_prefix(ctx.out)
-                        .map(Path::to_path_buf)
-                        .unwrap_or_else(|_| p.clone());
-                }
+        for c in &mut cases {
+            for p in [&mut c.imaging, &mut c.segmentation] {
+                *p = p
+                    .strip_prefix(&root)
+                    .map(Path::to_path_buf)
+                    .unwrap_or_else(|_| p.clone());
             }
         }
         let table = CaseTable {
             source: source.into(),
+            root: (self.source == Source::Synthetic).then(|| PathBuf::from("data")),
             cases,
             label_policy: self.label_policy,
         };
@@ -177,32 +207,22 @@ impl Stage for Load {
     }
 }
 
-/// Size and modification time of every file of every case folder, and of `kits.json`.
-fn stamps(folder: &Path) -> Result<serde_json::Map<String, serde_json::Value>, StageError> {
-    let mut out = serde_json::Map::new();
-    let rd = std::fs::read_dir(folder).map_err(StageError::io("list", folder))?;
-    let mut paths: Vec<PathBuf> = Vec::new();
-    for e in rd.flatten() {
-        let p = e.path();
-        let name = e.file_name().to_string_lossy().to_string();
-        if p.is_dir() && name.starts_with("case_") {
-            for f in ["imaging.nii.gz", "segmentation.nii.gz"] {
-                paths.push(p.join(f));
-            }
-        } else if name == "kits.json" {
-            paths.push(p);
-        }
+/// The files a KiTS19 folder's key covers, by path relative to the folder: `kits.json`
+/// and both volumes of each case the stage loads (the first `limit` case folders with a
+/// segmentation; folders without one are the KiTS19 test set, which load skips).
+fn case_files(folder: &Path, limit: Option<usize>) -> Result<Vec<(String, PathBuf)>, StageError> {
+    let mut out = Vec::new();
+    let json = folder.join("kits.json");
+    if json.exists() {
+        out.push(("kits.json".to_string(), json));
     }
-    paths.sort();
-    for p in paths {
-        if let Ok(meta) = std::fs::metadata(&p) {
-            let mtime = meta
-                .modified()
-                .ok()
-                .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                .map_or(0, |d| d.as_nanos());
-            let rel = p.strip_prefix(folder).unwrap_or(&p).display().to_string();
-            out.insert(rel, format!("{}:{mtime}", meta.len()).into());
+    let ids = kits::case_folders(folder).map_err(StageError::io("list", folder))?;
+    let labelled = ids
+        .iter()
+        .filter(|id| folder.join(id).join("segmentation.nii.gz").exists());
+    for id in labelled.take(limit.unwrap_or(usize::MAX)) {
+        for f in ["imaging.nii.gz", "segmentation.nii.gz"] {
+            out.push((format!("{id}/{f}"), folder.join(id).join(f)));
         }
     }
     Ok(out)

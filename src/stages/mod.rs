@@ -122,6 +122,19 @@ impl StageError {
 pub struct CheckContext<'a> {
     /// The directory of the pipeline file; relative paths in parameters start here.
     pub pipeline_dir: &'a Path,
+    /// Digests of files outside the cache by their stat (while keying; `None` while
+    /// checking a pipeline file, which hashes nothing).
+    pub stat_cache: Option<&'a crate::cache::StatCache>,
+}
+
+impl CheckContext<'_> {
+    /// The content digest of a declared file, through the stat cache when there is one.
+    pub fn file_digest(&self, path: &Path) -> std::io::Result<String> {
+        match self.stat_cache {
+            Some(s) => s.digest(path),
+            None => crate::cache::file_digest(path),
+        }
+    }
 }
 
 /// Progress of a running stage, forwarded to the [`crate::exec::Reporter`].
@@ -148,6 +161,11 @@ pub struct RunContext<'a> {
     pub pipeline_dir: &'a Path,
     /// Artifact directory of every referenced stage, by stage id.
     pub inputs: &'a BTreeMap<String, PathBuf>,
+    /// The data folder outside the cache that an input's artifact names files in, by
+    /// stage id, for inputs that have one ([`Stage::data_root`]: a KiTS19 folder).
+    pub data_roots: &'a BTreeMap<String, PathBuf>,
+    /// Digests of files outside the cache by their stat.
+    pub stat_cache: &'a crate::cache::StatCache,
     pub progress: &'a (dyn Fn(Progress) + Sync),
 }
 
@@ -168,6 +186,12 @@ impl RunContext<'_> {
             Some(p) if dir.join(p).is_dir() => dir.join(p),
             _ => dir.to_path_buf(),
         })
+    }
+
+    /// The data folder the referenced stage's artifact names files relative to, where
+    /// it is outside the cache (the load stage's `path`).
+    pub fn data_root(&self, r: &StageRef) -> Option<&Path> {
+        self.data_roots.get(r.stage()).map(PathBuf::as_path)
     }
 
     pub fn report(&self, done: u64, total: u64, message: impl Into<String>) {
@@ -211,6 +235,13 @@ pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// the arms' per-epoch metrics, which only training writes).
     const SWEEPABLE: bool = false;
 
+    /// A folder outside the cache whose files the artifact names by relative paths
+    /// (and content digests), handed to the stages that read it: the artifact and its
+    /// key stay the same wherever the folder is.
+    fn data_root(&self, _ctx: &CheckContext) -> Option<PathBuf> {
+        None
+    }
+
     fn run(&self, ctx: &RunContext) -> Result<(), StageError>;
 }
 
@@ -224,6 +255,7 @@ pub trait DynStage: Send + Sync {
     fn inputs(&self) -> Vec<(String, &StageRef)>;
     fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError>;
     fn seed(&self) -> Option<u64>;
+    fn data_root(&self, ctx: &CheckContext) -> Option<PathBuf>;
     fn run(&self, ctx: &RunContext) -> Result<(), StageError>;
 }
 
@@ -248,6 +280,9 @@ impl<S: Stage> DynStage for S {
     }
     fn seed(&self) -> Option<u64> {
         Stage::seed(self)
+    }
+    fn data_root(&self, ctx: &CheckContext) -> Option<PathBuf> {
+        Stage::data_root(self, ctx)
     }
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         Stage::run(self, ctx)

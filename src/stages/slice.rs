@@ -162,6 +162,9 @@ impl Stage for Slice {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         let input = ctx.input(&self.input)?;
         let table = CaseTable::read(input).map_err(StageError::other)?;
+        let data = table
+            .data_dir(input, ctx.data_root(&self.input))
+            .map_err(StageError::other)?;
         let [lo, hi] = self.window;
         let normalization = match (self.normalize, self.mean, self.std) {
             (Normalize::Unit, _, _) => Normalization::Unit { lo, hi },
@@ -176,7 +179,7 @@ impl Stage for Slice {
                 let train = super::split::SplitFile::read(ctx.input(fit_on)?)?
                     .cases(fit_on, "train", None)?;
                 ctx.report(0, train.len() as u64, "foreground statistics");
-                let (mean, std) = foreground_stats(&table, &train, input, lo, hi)?;
+                let (mean, std) = foreground_stats(&table, &train, &data, lo, hi)?;
                 tracing::info!(mean, std, "foreground statistics");
                 Normalization::ZScore { lo, hi, mean, std }
             }
@@ -187,7 +190,7 @@ impl Stage for Slice {
             .cases
             .par_iter()
             .map_init(ReadBuffers::default, |bufs, case| {
-                let r = self.slice_case(ctx, input, case, normalization, bufs);
+                let r = self.slice_case(ctx, &data, case, normalization, bufs);
                 ctx.report(
                     done.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1,
                     total,
@@ -234,15 +237,20 @@ impl Slice {
     fn slice_case(
         &self,
         ctx: &RunContext,
-        input: &std::path::Path,
+        data: &std::path::Path,
         case: &crate::data::kits::CaseRecord,
         norm: Normalization,
         bufs: &mut ReadBuffers,
     ) -> Result<(SlicedCase, Vec<String>), StageError> {
-        let img = Volume::read_with(&CaseTable::resolve(input, &case.imaging), bufs)
+        // the bytes decoded are the bytes the load stage hashed, or an error
+        let img = Volume::read_checked(&data.join(&case.imaging), bufs, Some(&case.imaging_digest))
             .map_err(StageError::other)?;
-        let seg = Volume::read_with(&CaseTable::resolve(input, &case.segmentation), bufs)
-            .map_err(StageError::other)?;
+        let seg = Volume::read_checked(
+            &data.join(&case.segmentation),
+            bufs,
+            Some(&case.segmentation_digest),
+        )
+        .map_err(StageError::other)?;
         let shape = img.shape3().map_err(StageError::other)?;
         let p = prepare_case(
             &img,
@@ -327,7 +335,7 @@ fn unit_draw(seed: u64, case: &str, slice: usize) -> f64 {
 fn foreground_stats(
     table: &CaseTable,
     fit: &[String],
-    input: &std::path::Path,
+    data: &std::path::Path,
     lo: f64,
     hi: f64,
 ) -> Result<(f64, f64), StageError> {
@@ -336,10 +344,12 @@ fn foreground_stats(
         .par_iter()
         .filter(|c| fit.contains(&c.id))
         .map(|case| {
-            let img = Volume::read(&CaseTable::resolve(input, &case.imaging))
-                .map_err(StageError::other)?;
-            let seg = Volume::read(&CaseTable::resolve(input, &case.segmentation))
-                .map_err(StageError::other)?;
+            let read = |p: &std::path::Path, digest: &str| {
+                Volume::read_checked(&data.join(p), &mut ReadBuffers::default(), Some(digest))
+                    .map_err(StageError::other)
+            };
+            let img = read(&case.imaging, &case.imaging_digest)?;
+            let seg = read(&case.segmentation, &case.segmentation_digest)?;
             let (labels, _) = seg.to_labels().map_err(StageError::other)?;
             let values = img.to_f64().map_err(StageError::other)?;
             let (mut n, mut s, mut s2) = (0.0, 0.0, 0.0);

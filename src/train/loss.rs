@@ -1,5 +1,6 @@
-//! Losses: cross-entropy (optionally class-weighted), soft Dice, and their weighted sum
-//! (the hybrid loss the study proposed as future work).
+//! Losses: cross-entropy (optionally class-weighted), soft Dice of the foreground classes
+//! present in the batch, and their weighted sum (the hybrid loss the study proposed as
+//! future work).
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::activation::softmax;
@@ -40,11 +41,22 @@ impl Loss {
                 .init(&device)
                 .forward(flat, targets)
         };
+        // Soft Dice over the batch (nnU-Net's batch Dice) of the foreground classes that
+        // the batch's truth shows, averaged over them: a class absent from the batch
+        // adds nothing, so batches without tumor do not teach the network to never
+        // predict it; a batch with no foreground has no Dice term.
         let dice = || {
             let mut onehot = vec![0.0f32; n * c * h * w];
+            let mut present = [0.0f32; crate::models::CLASSES];
             for (i, &l) in labels.iter().enumerate() {
                 let (b, p) = (i / (h * w), i % (h * w));
                 onehot[(b * c + usize::from(l)) * h * w + p] = 1.0;
+                present[usize::from(l).min(c - 1)] = 1.0;
+            }
+            present[0] = 0.0;
+            let count: f32 = present.iter().sum();
+            if count == 0.0 {
+                return Tensor::<1>::zeros([1], &device);
             }
             let t = Tensor::<4>::from_data(TensorData::new(onehot, [n, c, h, w]), &device);
             let p = softmax(logits.clone(), 1);
@@ -52,7 +64,8 @@ impl Loss {
             let inter = sum(p.clone() * t.clone());
             let denom = sum(p) + sum(t);
             let dice = (inter * 2.0 + 1.0) / (denom + 1.0);
-            (dice.mean() * -1.0 + 1.0).reshape([1])
+            let mask = Tensor::<1>::from_data(TensorData::new(present[..c].to_vec(), [c]), &device);
+            ((dice * mask).sum() * (-1.0 / count) + 1.0).reshape([1])
         };
         match self.kind {
             LossKind::CrossEntropy => ce(),
