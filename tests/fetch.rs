@@ -438,7 +438,7 @@ fn bad_cases_are_reported_and_left_absent_while_the_others_complete() {
         kits_ids(&root.join("kits.json")),
         ["case_00000", "case_00004"]
     );
-    assert!(out.contains("lists 2 cases"), "{out}");
+    assert!(out.contains("lists the 2 cases present"), "{out}");
     // Bodies that are not the file are not kept to be resumed; a broken download is.
     let parts = part_files(&root);
     assert_eq!(parts.len(), 1, "{parts:?}");

@@ -130,7 +130,7 @@ pub fn run(
     match &summary.listed {
         Ok(n) => writeln!(
             stdout,
-            "`{}` lists {n} cases (those present)",
+            "`{}` lists the {n} cases present",
             opts.out.join("kits.json").display()
         )?,
         Err(why) => writeln!(stdout, "kits.json {why}")?,

@@ -7,7 +7,7 @@
 use std::io::{BufReader, Read};
 use std::path::Path;
 
-use crate::data::nifti::{Datatype, read_header, squeeze3};
+use crate::data::nifti::{Datatype, NiftiError, read_header, squeeze3};
 
 /// What a valid volume's header says.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,7 +20,17 @@ pub struct NiftiCheck {
 /// Checks that `path` is a complete, readable single-file NIfTI-1 volume (gzipped or
 /// not) of three dimensions; the error says what is wrong.
 pub fn check_nifti(path: &Path) -> Result<NiftiCheck, String> {
-    let header = read_header(path).map_err(|e| e.to_string())?;
+    let header = read_header(path).map_err(|e| match e {
+        // The path is the caller's to say: these name a temporary file.
+        NiftiError::NotNifti { why, .. } => format!("not a NIfTI-1 file: {why}"),
+        NiftiError::Truncated { why, .. } => format!("truncated: {why}"),
+        NiftiError::Nifti2 { .. } => "a NIfTI-2 file".into(),
+        NiftiError::Datatype { code, .. } => format!("unsupported NIfTI datatype {code}"),
+        NiftiError::Invalid { why, .. } => why,
+        NiftiError::Io { source, .. } => format!("cannot read: {source}"),
+        #[allow(unreachable_patterns)]
+        other => other.to_string(),
+    })?;
     if &header.header.magic != b"n+1\0" {
         return Err("a header-only NIfTI (`ni1`), not a single `.nii` file".into());
     }

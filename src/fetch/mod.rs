@@ -479,6 +479,7 @@ fn settle_case(
         // Only an empty folder goes: anything else in it is not ours.
         let _ = std::fs::remove_dir(&dir);
     }
+    let _ = std::fs::remove_dir(&staged_dir);
     result
 }
 
