@@ -12,6 +12,7 @@ pub mod cli;
 pub mod config;
 pub mod data;
 pub mod exec;
+pub mod fetch;
 pub mod figures;
 pub mod graph;
 pub mod metrics;

@@ -1,6 +1,7 @@
 //! The command line: argument parsing, dispatch, and how results and errors are shown.
 //! Data (JSON, tables) goes to stdout; logs, progress and errors to stderr.
 
+mod fetch;
 mod progress;
 
 use std::io::{IsTerminal, Write};
@@ -99,7 +100,14 @@ enum Command {
         shape: [usize; 3],
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// KiTS19-sized cases instead of --shape: 512x512, slice counts drawn like the
+        /// real data's (29 to 1059, 216 on average)
+        #[arg(long, conflicts_with = "shape")]
+        kits19_size: bool,
     },
+    /// Download a dataset into the folder layout the load stage reads
+    #[command(subcommand)]
+    Fetch(fetch::FetchCommand),
     /// Remove cache entries that no lock file references
     Gc {
         /// Say what would be removed, remove nothing
@@ -467,13 +475,19 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             cases,
             shape,
             seed,
+            kits19_size,
         } => {
-            let spec = crate::data::phantom::PhantomSpec {
+            use crate::data::phantom::{PhantomSpec, kits19_slices, write_dataset_shaped};
+            let spec = PhantomSpec {
                 cases: *cases,
                 shape: *shape,
                 seed: *seed,
             };
-            let written = crate::data::phantom::write_dataset(out, &spec, &|_| {})?;
+            let shape_of = |i| match kits19_size {
+                true => [kits19_slices(*seed, i), 512, 512],
+                false => *shape,
+            };
+            let written = write_dataset_shaped(out, &spec, &shape_of, &|_| {})?;
             let tumors = written.iter().filter(|c| c.has_tumor).count();
             writeln!(
                 stdout,
@@ -483,6 +497,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             )?;
             Ok(exit::OK)
         }
+        Command::Fetch(cmd) => fetch::run(cmd, cli.no_progress, &mut stdout),
         Command::Status => {
             let cache = Cache::open(&cli.cache_dir)?;
             status(&cache, &mut stdout)?;

@@ -274,10 +274,24 @@ pub fn write_dataset(
     spec: &PhantomSpec,
     progress: &(dyn Fn(usize) + Sync),
 ) -> Result<Vec<PhantomCase>, NiftiError> {
+    write_dataset_shaped(dir, spec, &|_| spec.shape, progress)
+}
+
+/// [`write_dataset`] with case `i` of shape `shape_of(i)` instead of `spec.shape`.
+pub fn write_dataset_shaped(
+    dir: &Path,
+    spec: &PhantomSpec,
+    shape_of: &(dyn Fn(usize) -> [usize; 3] + Sync),
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<Vec<PhantomCase>, NiftiError> {
     let done = std::sync::atomic::AtomicUsize::new(0);
     let cases: Vec<PhantomCase> = (0..spec.cases)
         .into_par_iter()
         .map(|i| {
+            let spec = &PhantomSpec {
+                shape: shape_of(i),
+                ..*spec
+            };
             let (case, img, seg) = generate_case(spec, i);
             let case_dir = dir.join(&case.id);
             std::fs::create_dir_all(&case_dir).map_err(|source| NiftiError::Io {
@@ -329,4 +343,16 @@ pub fn write_dataset(
     crate::cache::write_atomic(&path, text.as_bytes())
         .map_err(|source| NiftiError::Io { path, source })?;
     Ok(cases)
+}
+
+/// A slice count for case `case` like KiTS19's (29 to 1059 per case, 45,424 over 210
+/// cases: 216 on average, a few hundred for the thin-slice scans): log-normal with
+/// median 163 and sigma 0.75, clamped to 29..=1059. Seeded like the cases.
+pub fn kits19_slices(seed: u64, case: usize) -> usize {
+    let mut h = blake3::Hasher::new_derive_key("kpipe phantom slice count v1");
+    h.update(&seed.to_le_bytes());
+    h.update(&(case as u64).to_le_bytes());
+    let mut rng = Pcg64::from_seed(*h.finalize().as_bytes());
+    let z: f64 = Normal::new(0.0, 1.0).expect("unit normal").sample(&mut rng);
+    ((163.0 * (0.75 * z).exp()).round() as usize).clamp(29, 1059)
 }
