@@ -50,9 +50,9 @@ if [ ! -f data/kits.json ]; then
 fi
 
 # Slice counts from the segmentations' headers.
-python3 - "$WORK/data" "$SMALL" >counts.txt <<'EOF'
+python3 - "$WORK/data" "$SMALL" "$(nproc)" >counts.txt <<'EOF'
 import gzip, os, struct, sys
-root, small = sys.argv[1], int(sys.argv[2])
+root, small, cores = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 cases = sorted(d for d in os.listdir(root) if d.startswith("case_"))
 n = {}
 for c in cases:
@@ -60,18 +60,22 @@ for c in cases:
         h = f.read(348)
     n[c] = struct.unpack("<8h", h[40:56])[1]
 big = max(cases, key=n.get)
-# The small set: the first SMALL-1 cases and the largest, so both sets hold the same
-# biggest volume and any growth of the peak is the case count's.
-subset = cases[: small - 1] + ([big] if big not in cases[: small - 1] else cases[small - 1 : small])
+# The small set: the largest volumes, one per core (a slice worker holds one case at a
+# time and keeps its buffers), then the first cases: both sets then hold the same
+# biggest volumes, and any growth of the peak is the case count's.
+largest = sorted(cases, key=n.get, reverse=True)[:cores]
+subset = sorted(largest + [c for c in cases if c not in largest][: small - len(largest)])
 print(len(cases), sum(n.values()), min(n.values()), max(n.values()), big, sum(n[c] for c in subset), max(n[c] for c in subset))
 print(" ".join(subset))
+print(" ".join(str(n[c]) for c in sorted(cases, key=n.get, reverse=True)[:cores]))
 EOF
 read -r NCASES SLICES MINS MAXS BIG SMALL_SLICES SMALL_MAX < <(sed -n 1p counts.txt)
 SUBSET=$(sed -n 2p counts.txt)
+LARGEST=$(sed -n 3p counts.txt)
 say "data: $NCASES cases, $SLICES slices (min $MINS, max $MAXS: $BIG), $(du -shL data | cut -f1) on disk"
 rm -rf data_small && mkdir data_small
 for c in $SUBSET; do ln -s "$WORK/data/$c" data_small/; done
-say "small set: $SMALL cases with the largest ($BIG), $SMALL_SLICES slices (max $SMALL_MAX)"
+say "small set: $SMALL cases with the $(nproc) largest ($LARGEST slices), $SMALL_SLICES slices"
 
 cat >scale.toml <<'EOF'
 [pipeline]
