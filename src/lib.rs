@@ -14,6 +14,7 @@ pub mod data;
 pub mod exec;
 pub mod fetch;
 pub mod figures;
+pub mod files;
 pub mod graph;
 pub mod metrics;
 pub mod models;

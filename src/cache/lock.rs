@@ -64,7 +64,7 @@ impl LockFile {
             source: std::io::Error::other(e),
         })?;
         text.push('\n');
-        super::write_atomic(path, text.as_bytes()).map_err(|source| CacheError::Io {
+        crate::files::write_atomic(path, text.as_bytes()).map_err(|source| CacheError::Io {
             action: "write",
             path: path.to_path_buf(),
             source,

@@ -35,6 +35,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::files::{canonical_json, write_synced};
+
 pub use digest::{Listed, TreeDigest, file_digest, tree_digest};
 pub use lock::{LockFile, LockRecord};
 pub use stat_cache::StatCache;
@@ -91,37 +93,6 @@ impl KeyMaterial<'_> {
         let mut text = String::new();
         canonical_json(&value, &mut text);
         blake3::hash(text.as_bytes()).to_hex().to_string()
-    }
-}
-
-/// JSON with object keys sorted, whatever map type serde_json was built with.
-pub fn canonical_json(v: &serde_json::Value, out: &mut String) {
-    match v {
-        serde_json::Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, k) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                out.push(':');
-                canonical_json(&map[k], out);
-            }
-            out.push('}');
-        }
-        serde_json::Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical_json(item, out);
-            }
-            out.push(']');
-        }
-        other => out.push_str(&other.to_string()),
     }
 }
 
@@ -562,25 +533,6 @@ impl Drop for EntryWriter {
         }
         let _ = self.done;
     }
-}
-
-/// Writes a file and syncs it to disk.
-pub fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::File::create(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
-}
-
-/// Writes a file atomically: to a sibling temporary, then renamed over `path`.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().to_string())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    write_synced(&tmp, bytes)?;
-    std::fs::rename(&tmp, path)
 }
 
 fn sync_tree(root: &Path) -> std::io::Result<()> {

@@ -206,7 +206,7 @@ impl StatCache {
             files,
         })
         .map_err(io::Error::other)?;
-        super::write_atomic(path, text.as_bytes())
+        crate::files::write_atomic(path, text.as_bytes())
     }
 }
 

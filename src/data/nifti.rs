@@ -973,7 +973,7 @@ pub fn write_volume_with(
     } else {
         bytes
     };
-    crate::cache::write_atomic(path, &payload).map_err(io)
+    crate::files::write_atomic(path, &payload).map_err(io)
 }
 
 fn header_bytes(v: &NewVolume, g: &Geometry) -> Vec<u8> {

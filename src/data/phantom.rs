@@ -340,7 +340,7 @@ pub fn write_dataset_shaped(
         .collect();
     let path = dir.join("kits.json");
     let text = serde_json::to_string_pretty(&records).unwrap_or_default();
-    crate::cache::write_atomic(&path, text.as_bytes())
+    crate::files::write_atomic(&path, text.as_bytes())
         .map_err(|source| NiftiError::Io { path, source })?;
     Ok(cases)
 }

@@ -519,7 +519,7 @@ fn write_kits_json(out: &Path) -> Result<usize, String> {
         s.push('\n');
         s.into_bytes()
     };
-    crate::cache::write_atomic(&path, &bytes)
+    crate::files::write_atomic(&path, &bytes)
         .map_err(|e| format!("cannot write `{}`: {e}", path.display()))?;
     Ok(kept.len())
 }

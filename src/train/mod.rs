@@ -347,7 +347,7 @@ pub fn canonical_safetensors(path: &Path) -> std::io::Result<()> {
         serde_json::from_slice(bytes.get(8..8 + n).ok_or_else(|| bad("short header"))?)
             .map_err(|e| bad(&e.to_string()))?;
     let mut text = String::new();
-    crate::cache::canonical_json(&header, &mut text);
+    crate::files::canonical_json(&header, &mut text);
     while !text.len().is_multiple_of(8) {
         text.push(' ');
     }
@@ -355,7 +355,7 @@ pub fn canonical_safetensors(path: &Path) -> std::io::Result<()> {
     out.extend_from_slice(&(text.len() as u64).to_le_bytes());
     out.extend_from_slice(text.as_bytes());
     out.extend_from_slice(&bytes[8 + n..]);
-    crate::cache::write_atomic(path, &out)
+    crate::files::write_atomic(path, &out)
 }
 
 /// A batch of `n` images `[n, channels, size, size]` as a tensor on `device`.
@@ -515,7 +515,7 @@ fn save_checkpoint(
     })
     .map_err(|e| TrainError::Data(e.to_string()))?;
     let path = resume.join("checkpoint.json");
-    crate::cache::write_atomic(&path, &state)
+    crate::files::write_atomic(&path, &state)
         .map_err(|e| file_err("write", &path)(e.to_string()))?;
     if n > 1 {
         for p in [
