@@ -12,11 +12,16 @@ pub enum BackendKind {
     Gpu,
 }
 
+/// The CPU device (burn-flex). Build an autodiff one from it with `.autodiff()`.
+pub fn cpu() -> Device {
+    Device::flex()
+}
+
 /// The device for a backend. Devices are always built explicitly: adding the GPU feature
 /// moves burn's `Device::default()` off the CPU.
 pub fn device(kind: BackendKind, index: usize) -> Result<Device, String> {
     match kind {
-        BackendKind::Cpu => Ok(Device::flex()),
+        BackendKind::Cpu => Ok(cpu()),
         #[cfg(feature = "gpu")]
         BackendKind::Gpu => Ok(Device::wgpu(if index == 0 {
             burn::tensor::DeviceKind::DefaultDevice

@@ -69,7 +69,7 @@ pub fn bench_slicing(
 /// steps after one warm-up step.
 pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: usize) -> f64 {
     use burn::optim::GradientsParams;
-    use burn::tensor::{Device, Distribution, Tensor};
+    use burn::tensor::{Distribution, Tensor};
 
     use crate::models::{ModelConfig, ModelKind};
     use crate::train::loss::{Loss, LossKind};
@@ -90,7 +90,7 @@ pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: us
     let labels: Vec<u8> = (0..batch * size * size).map(|i| (i % 3) as u8).collect();
     let mut times = Vec::new();
     if train {
-        let device = Device::flex().autodiff();
+        let device = crate::backend::cpu().autodiff();
         device.seed(1);
         let mut model = config.init(&device);
         let mut optim = crate::train::adam([0.9, 0.999], 1e-7, 0.0).init();
@@ -106,7 +106,7 @@ pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: us
             }
         }
     } else {
-        let device = Device::flex();
+        let device = crate::backend::cpu();
         device.seed(1);
         let model = config.init(&device);
         for i in 0..=steps {

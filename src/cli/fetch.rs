@@ -1,80 +1,23 @@
-//! `kpipe fetch kits19`: the arguments, indicatif bars for the downloads (one per file
-//! in flight and a total), and the summary on stdout.
+//! `kpipe fetch kits19`: indicatif bars for the downloads (one per file in flight and a
+//! total), and the summary on stdout. Its arguments are in `args.rs`.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::io::Write;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use clap::{Args, Subcommand};
 use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
+use super::args::{FetchCommand, GlobalArgs};
+use super::util::progress_bars;
 use super::{CliError, exit};
-use crate::fetch::{
-    CaseStatus, FetchEvent, FetchOptions, FetchReporter, FileOutcome, KITS19_IMAGING_URL,
-    KITS19_SEGMENTATION_URL,
-};
-
-const FETCH_EXIT_CODES: &str = "\
-Exit codes:
-  0  every case is in place (fetched now, or already there and valid)
-  1  a case or `kits.json` could not be fetched (the others were; rerun to resume)
-  2  usage error";
-
-#[derive(Subcommand, Debug)]
-pub enum FetchCommand {
-    /// KiTS19: imaging from the KiTS-Challenge-Imaging data set, segmentations and
-    /// `kits.json` from the kits19 repository, into `OUT/case_XXXXX/` and `OUT/kits.json`
-    #[command(after_help = FETCH_EXIT_CODES)]
-    Kits19(Kits19Args),
-}
-
-#[derive(Args, Debug)]
-pub struct Kits19Args {
-    /// Output folder (created): the load stage's `path`
-    #[arg(long)]
-    out: PathBuf,
-    /// Cases to fetch: `0-209`, `5`, `0-9,20-29`
-    #[arg(long, default_value = "0-209", value_parser = parse_case_list)]
-    cases: CaseList,
-    /// Files downloaded at once
-    #[arg(short, long, default_value_t = 4)]
-    jobs: usize,
-    /// The imaging's root, under which `images/case_XXXXX.nii.gz`
-    #[arg(long, value_name = "BASE", default_value = KITS19_IMAGING_URL)]
-    imaging_url: String,
-    /// The segmentations' root, under which `data/case_XXXXX/segmentation.nii.gz` and
-    /// `data/kits.json`
-    #[arg(long, value_name = "BASE", default_value = KITS19_SEGMENTATION_URL)]
-    segmentation_url: String,
-    /// Failed attempts in a row (without new bytes) before a file is given up
-    #[arg(long, default_value_t = 5)]
-    retries: u32,
-    /// Seconds before the first retry; the wait doubles each time, up to 60
-    #[arg(long, value_name = "SECONDS", default_value = "1", value_parser = parse_seconds)]
-    retry_wait: Duration,
-}
-
-#[derive(Debug, Clone)]
-struct CaseList(Vec<u32>);
-
-fn parse_case_list(s: &str) -> Result<CaseList, String> {
-    crate::fetch::parse_cases(s).map(CaseList)
-}
-
-fn parse_seconds(s: &str) -> Result<Duration, String> {
-    s.parse::<f64>()
-        .ok()
-        .and_then(|x| Duration::try_from_secs_f64(x).ok())
-        .ok_or_else(|| format!("`{s}` is not a number of seconds"))
-}
+use crate::fetch::{CaseStatus, FetchEvent, FetchOptions, FetchReporter, FileOutcome};
 
 /// Runs `kpipe fetch ...`; returns the exit code.
-pub fn run(
+pub(super) fn run(
     cmd: &FetchCommand,
-    no_progress: bool,
+    global: &GlobalArgs,
     stdout: &mut impl Write,
 ) -> Result<i32, CliError> {
     let FetchCommand::Kits19(args) = cmd;
@@ -87,10 +30,7 @@ pub fn run(
         retries: args.retries,
         retry_wait: args.retry_wait,
     };
-    let bars = FetchBars::new(
-        !no_progress && std::io::stderr().is_terminal(),
-        opts.cases.len() * 2 + 1,
-    );
+    let bars = FetchBars::new(progress_bars(global), opts.cases.len() * 2 + 1);
     let summary = crate::fetch::fetch_kits19(&opts, &bars).map_err(|e| match e {
         crate::fetch::FetchError::Io { ref source, .. } => {
             CliError::Output(std::io::Error::new(source.kind(), e.to_string()))

@@ -389,7 +389,7 @@ pub fn validate(
         .devices()
         .into_iter()
         .next()
-        .unwrap_or_else(Device::flex);
+        .unwrap_or_else(crate::backend::cpu);
     let mut scores = SliceScores::default();
     let mut loss_sum = 0.0;
     let plane = store.meta.size * store.meta.size;

@@ -1,0 +1,47 @@
+//! `kpipe bench`: the slicing, U-Net training and U-Net inference throughput measurements
+//! of [`crate::bench`], printed as one line each.
+
+use std::io::Write;
+
+use super::args::{BenchCommand, NetBench, SlicingArgs};
+use super::{CliError, exit};
+
+/// Runs one measurement.
+pub(super) fn run(cmd: &BenchCommand, out: &mut impl Write) -> Result<i32, CliError> {
+    match cmd {
+        BenchCommand::Slicing(args) => slicing(args, out),
+        BenchCommand::Train(b) => net(true, b, out),
+        BenchCommand::Infer(b) => net(false, b, out),
+    }
+}
+
+fn slicing(args: &SlicingArgs, out: &mut impl Write) -> Result<i32, CliError> {
+    let SlicingArgs {
+        imaging,
+        segmentation,
+        size,
+        repeat,
+    } = args;
+    let (secs, first, slices) = crate::bench::bench_slicing(imaging, segmentation, *size, *repeat)?;
+    writeln!(
+        out,
+        "kpipe: median {secs:.3} s over {repeat} runs, {:.0} slices/s ({slices} slices to {size}x{size}; first run, in fresh memory: {first:.3} s)",
+        slices as f64 / secs
+    )?;
+    Ok(exit::OK)
+}
+
+/// U-Net training (`train`) or inference steps, on a global pool of `b.threads` threads.
+fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError> {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(b.threads.max(1))
+        .build_global();
+    let rate = crate::bench::bench_unet(train, b.size, b.base, b.batch, b.steps.max(1));
+    let what = if train { "train" } else { "infer" };
+    writeln!(
+        out,
+        "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {} thread(s), median of {} steps)",
+        b.base, b.size, b.size, b.batch, b.threads, b.steps
+    )?;
+    Ok(exit::OK)
+}
