@@ -7,6 +7,7 @@ use toml::de::{DeTable, DeValue};
 use toml::{Spanned, Table, Value};
 
 use super::diagnostics::{Located, Problems, Sources};
+use crate::schema::join;
 
 /// A command-line override, `dotted.key=value` (`--set stages.train.epochs=2`).
 ///
@@ -238,7 +239,7 @@ impl Document {
 }
 
 pub(crate) fn stage_hint(id: &str, known: &[&str]) -> String {
-    match super::diagnostics::closest(id, known.iter().copied()) {
+    match crate::schema::closest(id, known.iter().copied()) {
         Some(c) => format!("hint: did you mean `{c}`?"),
         None if known.is_empty() => "hint: the pipeline defines no stages".into(),
         None => format!(
@@ -249,14 +250,6 @@ pub(crate) fn stage_hint(id: &str, known: &[&str]) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-    }
-}
-
-pub(crate) fn join(prefix: &str, key: &str) -> String {
-    if prefix.is_empty() {
-        key.to_string()
-    } else {
-        format!("{prefix}.{key}")
     }
 }
 

@@ -14,6 +14,7 @@
 //! Every pass collects all the problems it finds; [`ConfigError`] renders them together,
 //! each with `file:line:column` and a caret under the culprit.
 
+mod cycles;
 mod diagnostics;
 pub mod document;
 pub mod spec;

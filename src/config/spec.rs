@@ -4,12 +4,12 @@ use std::path::{Path, PathBuf};
 
 use codespan_reporting::diagnostic::{Diagnostic, Label};
 use serde::Deserialize;
-use serde::de::{self, DeserializeOwned, Deserializer, Visitor};
 use toml::Value;
 
-use super::diagnostics::{ConfigError, Located, Problems, Sources, closest};
-use super::document::{Document, Override, join, stage_hint};
-use crate::stages::{self, CheckContext, DynStage, ParamIssue};
+use super::diagnostics::{ConfigError, Located, Problems, Sources};
+use super::document::{Document, Override, stage_hint};
+use crate::schema::{ParamIssue, closest, join, parse_params};
+use crate::stages::{self, CheckContext, DynStage};
 
 /// A pipeline whose every stage is checked: ready to be compiled into a [`crate::graph::Plan`].
 pub struct PipelineSpec {
@@ -361,7 +361,7 @@ fn check_references(
             edges.push((from, to, at));
         }
     }
-    for group in crate::graph::cycles(stages.len(), edges.iter().map(|(f, t, _)| (*f, *t))) {
+    for group in super::cycles::cycles(stages.len(), edges.iter().map(|(f, t, _)| (*f, *t))) {
         let names: Vec<&str> = group.iter().map(|&i| stages[i].id.as_str()).collect();
         let labels: Vec<Label<usize>> = edges
             .iter()
@@ -402,187 +402,9 @@ pub fn stage_seed(pipeline_seed: u64, id: &str) -> u64 {
     u64::from_le_bytes(bytes.as_bytes()[..8].try_into().expect("8 bytes"))
 }
 
-/// Deserializes `T` from a table, collecting every unknown key and every bad value
-/// (serde stops at the first error, so the culprit is removed and the rest retried).
-pub(crate) fn parse_params<T: DeserializeOwned>(value: Value) -> (Option<T>, Vec<ParamIssue>) {
-    let fields = field_names::<T>();
-    let mut issues = Vec::new();
-    let mut value = value;
-    let mut removed: Vec<String> = Vec::new();
-    for _ in 0..64 {
-        let mut unknown = Vec::new();
-        let result: Result<T, _> = serde_path_to_error::deserialize(
-            serde_ignored::Deserializer::new(value.clone(), &mut |p: serde_ignored::Path| {
-                unknown.push(ignored_path(&p))
-            }),
-        );
-        for path in unknown {
-            if issues
-                .iter()
-                .any(|i: &ParamIssue| i.on_key && i.path == path)
-            {
-                continue; // seen in an earlier attempt
-            }
-            let last = path.rsplit('.').next().unwrap_or(&path).to_string();
-            let mut issue = ParamIssue::new(path.clone(), "unknown key");
-            issue.on_key = true;
-            if !path.contains('.') {
-                if let Some(c) = closest(&last, fields.iter().copied()) {
-                    issue.hint = Some(format!("hint: did you mean `{c}`?"));
-                } else if !fields.is_empty() {
-                    issue.hint = Some(format!(
-                        "hint: keys are {}",
-                        fields
-                            .iter()
-                            .map(|f| format!("`{f}`"))
-                            .collect::<Vec<_>>()
-                            .join(", ")
-                    ));
-                }
-            }
-            issues.push(issue);
-        }
-        match result {
-            Ok(t) => return (if issues.is_empty() { Some(t) } else { None }, issues),
-            Err(e) => {
-                let segments = error_path(e.path());
-                let message = e
-                    .into_inner()
-                    .message()
-                    .trim()
-                    .replace(
-                        "data did not match any variant of untagged enum LearningRate",
-                        "expected a learning rate: a number, or `{ piecewise = [[rate, epochs], ...] }`, `{ step = { initial, gamma, every } }` or `{ cosine = { initial, min } }`",
-                    );
-                // A missing field that we removed ourselves is a consequence, not a problem.
-                let is_ours = message.starts_with("missing field")
-                    && removed.iter().any(|r| message.contains(&format!("`{r}`")));
-                if !is_ours {
-                    issues.push(ParamIssue::new(segments.join("."), message));
-                }
-                let Some(first) = segments.first().cloned() else {
-                    return (None, issues);
-                };
-                let gone = match &mut value {
-                    Value::Table(t) => t.remove(&first).is_some(),
-                    _ => false,
-                };
-                if !gone {
-                    return (None, issues);
-                }
-                removed.push(first);
-            }
-        }
-    }
-    (None, issues)
-}
-
-fn ignored_path(p: &serde_ignored::Path) -> String {
-    use serde_ignored::Path as P;
-    match p {
-        P::Root => String::new(),
-        P::Seq { parent, index } => join(&ignored_path(parent), &index.to_string()),
-        P::Map { parent, key } => join(&ignored_path(parent), key),
-        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
-            ignored_path(parent)
-        }
-    }
-}
-
-fn error_path(p: &serde_path_to_error::Path) -> Vec<String> {
-    use serde_path_to_error::Segment as S;
-    p.iter()
-        .filter_map(|s| match s {
-            S::Seq { index } => Some(index.to_string()),
-            S::Map { key } => Some(key.clone()),
-            S::Enum { variant } => Some(variant.clone()),
-            S::Unknown => None,
-        })
-        .collect()
-}
-
-/// The field names of a struct, read from its `Deserialize` impl (for "did you mean").
-fn field_names<T: DeserializeOwned>() -> &'static [&'static str] {
-    struct Probe<'a>(&'a mut &'static [&'static str]);
-    #[derive(Debug)]
-    struct Stop;
-    impl std::fmt::Display for Stop {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("stop")
-        }
-    }
-    impl std::error::Error for Stop {}
-    impl de::Error for Stop {
-        fn custom<M: std::fmt::Display>(_: M) -> Self {
-            Stop
-        }
-    }
-    impl<'de> Deserializer<'de> for Probe<'_> {
-        type Error = Stop;
-        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Stop> {
-            Err(Stop)
-        }
-        fn deserialize_struct<V: Visitor<'de>>(
-            self,
-            _: &'static str,
-            fields: &'static [&'static str],
-            _: V,
-        ) -> Result<V::Value, Stop> {
-            *self.0 = fields;
-            Err(Stop)
-        }
-        serde::forward_to_deserialize_any! {
-            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
-            unit_struct newtype_struct seq tuple tuple_struct map enum identifier ignored_any
-        }
-    }
-    let mut fields: &'static [&'static str] = &[];
-    let _ = T::deserialize(Probe(&mut fields));
-    fields
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[derive(Deserialize, Debug)]
-    #[serde(rename_all = "kebab-case")]
-    #[allow(dead_code)]
-    struct P {
-        epochs: u32,
-        #[serde(default)]
-        batch_size: u32,
-        name: String,
-    }
-
-    #[test]
-    fn parse_params_reports_every_problem() {
-        let v: Value = toml::from_str("epochs = \"x\"\nbatch-sise = 3\nname = 4\n").unwrap();
-        let (p, issues) = parse_params::<P>(v);
-        assert!(p.is_none());
-        let mut paths: Vec<_> = issues.iter().map(|i| (i.path.as_str(), i.on_key)).collect();
-        paths.sort();
-        assert_eq!(
-            paths,
-            vec![("batch-sise", true), ("epochs", false), ("name", false)]
-        );
-        let typo = issues.iter().find(|i| i.path == "batch-sise").unwrap();
-        assert_eq!(
-            typo.hint.as_deref(),
-            Some("hint: did you mean `batch-size`?")
-        );
-    }
-
-    #[test]
-    fn parse_params_reports_missing_fields() {
-        let (p, issues) = parse_params::<P>(toml::from_str("epochs = 3").unwrap());
-        assert!(p.is_none());
-        assert_eq!(issues.len(), 1);
-        assert!(
-            issues[0].message.contains("missing field `name`"),
-            "{issues:?}"
-        );
-    }
 
     #[test]
     fn stage_seeds_depend_on_seed_and_id() {

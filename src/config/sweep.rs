@@ -17,10 +17,11 @@ use std::collections::BTreeMap;
 use toml::Value;
 
 use super::diagnostics::Problems;
-use super::document::{Document, join};
-use super::spec::{parse_params, report};
+use super::document::Document;
+use super::spec::report;
+use crate::schema::{ParamIssue, join, parse_params};
 use crate::stages::sweep::{Select, Sweep, SweepArm};
-use crate::stages::{CheckContext, DynStage, Kind, ParamIssue, Stage, StageRef};
+use crate::stages::{CheckContext, DynStage, Kind, Stage, StageRef};
 
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn expand(

@@ -166,7 +166,7 @@ pub(crate) fn node_key(
         pipeline_dir: &plan.spec.dir,
         stat_cache: Some(cache.stat_cache()),
     })?;
-    let params = st.stage.params();
+    let params = st.stage.key_params();
     let key = KeyMaterial {
         kind: st.stage.kind(),
         params: &params,
@@ -432,7 +432,7 @@ fn run_node(
         key: key.key.clone(),
         stage: st.id.clone(),
         kind: st.stage.kind().into(),
-        params: st.stage.params(),
+        params: st.stage.key_params(),
         seed: st.seed,
         inputs: key.inputs.clone(),
         extra: key.extra.clone(),
@@ -465,7 +465,7 @@ fn record_lock(plan: &Plan, cache: &Cache, state: &[State]) -> Result<(), CacheE
                 kind: st.stage.kind().into(),
                 key: key.key.clone(),
                 output: entry.manifest.output.clone(),
-                params: st.stage.params(),
+                params: st.stage.key_params(),
                 inputs: key.inputs.clone(),
                 extra: key.extra.clone(),
             }),

@@ -56,7 +56,7 @@ pub fn preview(plan: &Plan, cache: &Cache) -> Result<Vec<NodePreview>, StageErro
                 )
             }
             (Some(k), None) => {
-                let params = st.stage.params();
+                let params = st.stage.key_params();
                 (
                     PreviewStatus::Run,
                     Some(why(

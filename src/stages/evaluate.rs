@@ -64,7 +64,7 @@ pub struct Evaluate {
     #[serde(default)]
     pub backend: BackendKind,
     /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub fold: Option<usize>,
 }
 
@@ -123,6 +123,13 @@ impl Evaluate {
 
 impl Stage for Evaluate {
     const KIND: &'static str = "evaluate";
+
+    fn key_params(&self) -> serde_json::Value {
+        super::omit_unset(
+            serde_json::to_value(self).unwrap_or_default(),
+            &[("fold", serde_json::Value::Null)],
+        )
+    }
     const USES_DEVICE: bool = true;
 
     fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {

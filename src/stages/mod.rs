@@ -25,6 +25,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+pub use crate::schema::ParamIssue;
+
 /// A reference to another stage's output: `"split"` or `"split.train"`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -54,33 +56,6 @@ impl StageRef {
 impl std::fmt::Display for StageRef {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.0)
-    }
-}
-
-/// A problem with one parameter, found while checking a stage's table.
-#[derive(Debug, Clone)]
-pub struct ParamIssue {
-    /// Dotted path below the stage table (`epochs`, `sweep.learning-rate.2`).
-    pub path: String,
-    pub message: String,
-    pub hint: Option<String>,
-    /// Point at the key (unknown keys) rather than the value.
-    pub on_key: bool,
-}
-
-impl ParamIssue {
-    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Self {
-            path: path.into(),
-            message: message.into(),
-            hint: None,
-            on_key: false,
-        }
-    }
-
-    pub fn hint(mut self, hint: impl Into<String>) -> Self {
-        self.hint = Some(hint.into());
-        self
     }
 }
 
@@ -137,7 +112,7 @@ impl CheckContext<'_> {
     }
 }
 
-/// Progress of a running stage, forwarded to the [`crate::exec::Reporter`].
+/// Progress of a running stage, forwarded to the executor's reporter.
 #[derive(Debug, Clone)]
 pub struct Progress {
     pub done: u64,
@@ -231,6 +206,13 @@ pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
         None
     }
 
+    /// The parameters that enter the cache key and the lock file: every key, less the
+    /// options added after lock files existed while they hold the value that means "as
+    /// before" (see [`omit_unset`]), so that adding an option kept every earlier key.
+    fn key_params(&self) -> serde_json::Value {
+        serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
+    }
+
     /// Whether a `sweep` table may expand this kind into arms (the sweep node compares
     /// the arms' per-epoch metrics, which only training writes).
     const SWEEPABLE: bool = false;
@@ -252,6 +234,8 @@ pub trait DynStage: Send + Sync {
     fn uses_device(&self) -> bool;
     /// The resolved parameters, canonical (defaults filled, keys in a fixed order).
     fn params(&self) -> serde_json::Value;
+    /// The parameters as the cache key and the lock file see them ([`Stage::key_params`]).
+    fn key_params(&self) -> serde_json::Value;
     fn inputs(&self) -> Vec<(String, &StageRef)>;
     fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError>;
     fn seed(&self) -> Option<u64>;
@@ -272,6 +256,9 @@ impl<S: Stage> DynStage for S {
     fn params(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)
     }
+    fn key_params(&self) -> serde_json::Value {
+        Stage::key_params(self)
+    }
     fn inputs(&self) -> Vec<(String, &StageRef)> {
         Stage::inputs(self)
     }
@@ -287,6 +274,22 @@ impl<S: Stage> DynStage for S {
     fn run(&self, ctx: &RunContext) -> Result<(), StageError> {
         Stage::run(self, ctx)
     }
+}
+
+/// `params` (an object) less each key of `later` that holds the given value: options
+/// added after lock files were written, which leave the cache key alone while unset.
+pub fn omit_unset(
+    mut params: serde_json::Value,
+    later: &[(&str, serde_json::Value)],
+) -> serde_json::Value {
+    if let Some(map) = params.as_object_mut() {
+        for (key, unset) in later {
+            if map.get(*key) == Some(unset) {
+                map.remove(*key);
+            }
+        }
+    }
+    params
 }
 
 /// Builds a stage from its parameter table, or says everything wrong with it.
@@ -339,7 +342,7 @@ fn configure<S: Stage>(
     params: toml::Value,
     ctx: &CheckContext,
 ) -> Result<Box<dyn DynStage>, Vec<ParamIssue>> {
-    let (stage, mut issues) = crate::config::spec::parse_params::<S>(params);
+    let (stage, mut issues) = crate::schema::parse_params::<S>(params);
     if let Some(stage) = &stage {
         issues.extend(stage.check(ctx));
     }

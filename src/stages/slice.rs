@@ -57,7 +57,7 @@ pub struct Slice {
     #[serde(default)]
     pub std: Option<f64>,
     /// The split part whose cases the z-score statistics are fitted on.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub fit_on: Option<StageRef>,
     #[serde(default = "default_size")]
     pub size: usize,
@@ -70,7 +70,7 @@ pub struct Slice {
     #[serde(default)]
     pub context: usize,
     /// `"float32"` or `"float16"` images.
-    #[serde(default, skip_serializing_if = "StorageType::is_default")]
+    #[serde(default)]
     pub storage: StorageType,
 }
 
@@ -89,6 +89,16 @@ fn default_keep() -> f64 {
 
 impl Stage for Slice {
     const KIND: &'static str = "slice";
+
+    fn key_params(&self) -> serde_json::Value {
+        super::omit_unset(
+            serde_json::to_value(self).unwrap_or_default(),
+            &[
+                ("fit-on", serde_json::Value::Null),
+                ("storage", serde_json::json!("float32")),
+            ],
+        )
+    }
 
     fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {
         let mut issues = Vec::new();

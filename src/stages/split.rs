@@ -48,7 +48,7 @@ pub struct Split {
     #[serde(default)]
     pub stratify: Stratify,
     /// k-fold cross-validation over the non-eval cases.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub folds: Option<usize>,
 }
 
@@ -132,6 +132,13 @@ impl SplitFile {
 
 impl Stage for Split {
     const KIND: &'static str = "split";
+
+    fn key_params(&self) -> serde_json::Value {
+        super::omit_unset(
+            serde_json::to_value(self).unwrap_or_default(),
+            &[("folds", serde_json::Value::Null)],
+        )
+    }
     const OUTPUTS: &'static [&'static str] = &PARTS;
 
     fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {

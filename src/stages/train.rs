@@ -98,13 +98,13 @@ pub struct Train {
     #[serde(default)]
     pub backend: BackendKind,
     /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub fold: Option<usize>,
     /// FCN: VGG16 encoder weights (safetensors, torchvision names), loaded and frozen.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub pretrained: Option<std::path::PathBuf>,
     /// A seed of its own instead of the pipeline's (sweep it for replicates).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub seed: Option<u64>,
     /// Which epoch's weights `model.safetensors` holds: the best by `select`, or the last.
     #[serde(default)]
@@ -146,6 +146,17 @@ impl Stage for Train {
     const KIND: &'static str = "train";
     const USES_DEVICE: bool = true;
     const SWEEPABLE: bool = true;
+
+    fn key_params(&self) -> serde_json::Value {
+        super::omit_unset(
+            serde_json::to_value(self).unwrap_or_default(),
+            &[
+                ("fold", serde_json::Value::Null),
+                ("pretrained", serde_json::Value::Null),
+                ("seed", serde_json::Value::Null),
+            ],
+        )
+    }
 
     fn check(&self, ctx: &CheckContext) -> Vec<ParamIssue> {
         let mut issues = Vec::new();

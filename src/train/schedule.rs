@@ -11,7 +11,10 @@
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "expected a learning rate: a number, or `{ piecewise = [[rate, epochs], ...] }`, `{ step = { initial, gamma, every } }` or `{ cosine = { initial, min } }`"
+)]
 pub enum LearningRate {
     Constant(f64),
     Schedule(Schedule),
