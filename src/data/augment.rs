@@ -13,8 +13,9 @@
 //! ```
 //!
 //! Warps sample images bilinearly (edges clamped) and labels at the nearest pixel
-//! (background outside), through the same map, so they stay aligned. Disabled parts
-//! draw no random numbers: adding one to a pipeline leaves the others' draws alone.
+//! (background outside), through the same map, so they stay aligned. Each part draws from
+//! its own stream ([`Draws::stream`], seeded by the sample and the part's name), and a
+//! disabled part draws nothing: enabling one leaves every other part's draws alone.
 
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
@@ -74,10 +75,7 @@ impl Mixup {
         batch: usize,
         n: usize,
     ) -> Option<(f32, Vec<usize>)> {
-        let mut rng = sample_rng(seed ^ 0x006d_6978_7570, epoch, batch);
-        if !rng.random_bool(self.p) {
-            return None;
-        }
+        let mut rng = Draws::new(seed, epoch, batch).happens("mixup", self.p)?;
         let beta = rand_distr::Beta::new(self.alpha, self.alpha).ok()?;
         let lambda = beta.sample(&mut rng) as f32;
         let mut perm: Vec<usize> = (0..n).collect();
@@ -182,13 +180,42 @@ impl Sample {
     }
 }
 
-/// The generator of one sample's augmentation.
-pub fn sample_rng(seed: u64, epoch: usize, position: usize) -> Pcg64 {
-    let mut h = blake3::Hasher::new_derive_key("kpipe augment v1");
-    for v in [seed, epoch as u64, position as u64] {
-        h.update(&v.to_le_bytes());
+/// The random draws of one sample's augmentation: one stream per part.
+#[derive(Debug, Clone, Copy)]
+pub struct Draws {
+    seed: u64,
+    epoch: usize,
+    position: usize,
+}
+
+impl Draws {
+    /// The draws of the sample at `position` of `epoch`.
+    pub fn new(seed: u64, epoch: usize, position: usize) -> Draws {
+        Draws {
+            seed,
+            epoch,
+            position,
+        }
     }
-    Pcg64::from_seed(*h.finalize().as_bytes())
+
+    /// The generator of one part (`"rot90"`, `"affine"`, ...) of this sample.
+    pub fn stream(&self, part: &str) -> Pcg64 {
+        let mut h = blake3::Hasher::new_derive_key("kpipe augment stream v2");
+        for v in [self.seed, self.epoch as u64, self.position as u64] {
+            h.update(&v.to_le_bytes());
+        }
+        h.update(part.as_bytes());
+        Pcg64::from_seed(*h.finalize().as_bytes())
+    }
+
+    /// Whether a part enabled with probability `p` applies: no draw when `p` is 0.
+    fn happens(&self, part: &str, p: f64) -> Option<Pcg64> {
+        if p <= 0.0 {
+            return None;
+        }
+        let mut rng = self.stream(part);
+        rng.random_bool(p.min(1.0)).then_some(rng)
+    }
 }
 
 impl Augment {
@@ -274,34 +301,38 @@ impl Augment {
     pub fn apply(
         &self,
         s: &mut Sample,
-        rng: &mut Pcg64,
+        draws: &Draws,
         pair: impl FnOnce(&mut Pcg64) -> Option<Vec<f32>>,
     ) {
         let n = s.size;
-        if rng.random_bool(self.flip_horizontal) {
+        if draws
+            .happens("flip-horizontal", self.flip_horizontal)
+            .is_some()
+        {
             for plane in s.planes_mut() {
                 flip_h(plane, n);
             }
             flip_h(&mut s.labels, n);
         }
-        if rng.random_bool(self.flip_vertical) {
+        if draws.happens("flip-vertical", self.flip_vertical).is_some() {
             for plane in s.planes_mut() {
                 flip_v(plane, n);
             }
             flip_v(&mut s.labels, n);
         }
-        if rng.random_bool(self.rot90) {
+        if let Some(mut rng) = draws.happens("rot90", self.rot90) {
             let k = rng.random_range(1..4);
             for plane in s.planes_mut() {
                 rot90(plane, n, k);
             }
             rot90(&mut s.labels, n, k);
         }
-        if rng.random_bool(self.crop) {
-            self.foreground_crop(s, rng);
+        if let Some(mut rng) = draws.happens("crop", self.crop) {
+            self.foreground_crop(s, &mut rng);
         }
-        // disabled warps draw nothing, so they leave the other parts' draws alone
-        if let Some(a) = self.affine.as_ref().filter(|a| rng.random_bool(a.p)) {
+        if let Some((a, mut rng)) =
+            (self.affine.as_ref()).and_then(|a| Some((a, draws.happens("affine", a.p)?)))
+        {
             let c = (n as f64 - 1.0) / 2.0;
             let angle = rng.random_range(-1.0..=1.0) * a.rotate.to_radians();
             let zoom = 1.0 + rng.random_range(-1.0..=1.0) * a.scale;
@@ -320,11 +351,13 @@ impl Augment {
                 )
             });
         }
-        if let Some(e) = self.elastic.as_ref().filter(|e| rng.random_bool(e.p)) {
+        if let Some((e, mut rng)) =
+            (self.elastic.as_ref()).and_then(|e| Some((e, draws.happens("elastic", e.p)?)))
+        {
             let g = e.grid;
             let normal = Normal::new(0.0, e.sigma).expect("finite sigma");
             let field: Vec<(f64, f64)> = (0..g * g)
-                .map(|_| (normal.sample(rng), normal.sample(rng)))
+                .map(|_| (normal.sample(&mut rng), normal.sample(&mut rng)))
                 .collect();
             let step = (n as f64 - 1.0) / (g as f64 - 1.0);
             warp(s, |y, x| {
@@ -342,6 +375,8 @@ impl Augment {
             });
         }
         if self.brightness > 0.0 || self.contrast > 0.0 || self.gamma > 0.0 {
+            // one part: the three draws of an intensity change stay together
+            let mut rng = draws.stream("intensity");
             let shift = rng.random_range(-1.0..=1.0) * self.brightness;
             let scale = 1.0 + rng.random_range(-1.0..=1.0) * self.contrast;
             let gamma = (rng.random_range(-1.0..=1.0) * self.gamma).exp();
@@ -356,12 +391,13 @@ impl Augment {
         }
         if self.noise > 0.0 {
             let normal = Normal::new(0.0, self.noise).expect("finite sigma");
+            let mut rng = draws.stream("noise");
             for v in &mut s.image {
-                *v += normal.sample(rng) as f32;
+                *v += normal.sample(&mut rng) as f32;
             }
         }
-        if rng.random_bool(self.sample_pairing)
-            && let Some(other) = pair(rng)
+        if let Some(mut rng) = draws.happens("sample-pairing", self.sample_pairing)
+            && let Some(other) = pair(&mut rng)
         {
             for (v, o) in s.image.iter_mut().zip(other) {
                 *v = 0.5 * (*v + o);
@@ -502,7 +538,7 @@ mod tests {
             },
         ] {
             let mut s = sample();
-            aug.apply(&mut s, &mut sample_rng(1, 0, 0), |_| None);
+            aug.apply(&mut s, &Draws::new(1, 0, 0), |_| None);
             // channel 0 held v, labels held v % 3: the pairing survives any geometry
             for (i, &l) in s.labels.iter().enumerate() {
                 let v = s.image[i];
@@ -584,7 +620,7 @@ mod tests {
             },
         ] {
             let mut s = disc();
-            aug.apply(&mut s, &mut sample_rng(4, 0, 1), |_| None);
+            aug.apply(&mut s, &Draws::new(4, 0, 1), |_| None);
             assert_ne!(s.labels, disc().labels, "{aug:?} moved nothing");
             // where the label is kidney or tumor, the (interpolated) image agrees to
             // within a label step; a misaligned map would put labels over background
@@ -631,7 +667,7 @@ mod tests {
             flip_horizontal: 1.0,
             ..Default::default()
         }
-        .apply(&mut s, &mut sample_rng(3, 1, 2), |_| None);
+        .apply(&mut s, &Draws::new(3, 1, 2), |_| None);
         let orig = sample().labels;
         for y in 0..4 {
             for x in 0..4 {
@@ -651,10 +687,44 @@ mod tests {
         };
         let run = |e, p| {
             let mut s = sample();
-            aug.apply(&mut s, &mut sample_rng(9, e, p), |_| None);
+            aug.apply(&mut s, &Draws::new(9, e, p), |_| None);
             s
         };
         assert_eq!(run(1, 2), run(1, 2));
         assert_ne!(run(1, 2), run(2, 2));
+    }
+
+    #[test]
+    fn enabling_a_part_leaves_the_other_parts_draws_alone() {
+        // On a constant image the geometric parts change nothing, so the outputs agree
+        // exactly when the intensity and noise draws do.
+        let base = Augment {
+            flip_horizontal: 0.5,
+            brightness: 0.3,
+            gamma: 0.2,
+            noise: 0.05,
+            ..Default::default()
+        };
+        let more = Augment {
+            rot90: 1.0,
+            flip_vertical: 0.7,
+            ..base.clone()
+        };
+        let flat = || {
+            let mut s = sample();
+            s.image.fill(0.25);
+            s.labels.fill(0);
+            s
+        };
+        let mut differ = 0;
+        for p in 0..16 {
+            let draws = Draws::new(5, 1, p);
+            let (mut a, mut b) = (flat(), flat());
+            base.apply(&mut a, &draws, |_| None);
+            more.apply(&mut b, &draws, |_| None);
+            assert_eq!(a.image, b.image, "position {p}");
+            differ += usize::from(a.image != flat().image);
+        }
+        assert_eq!(differ, 16, "the intensity parts did change the images");
     }
 }

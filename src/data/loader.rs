@@ -6,7 +6,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use rand_pcg::Pcg64;
 
-use super::augment::{Augment, Sample, sample_rng};
+use super::augment::{Augment, Draws, Sample};
 use super::slices::{SliceStore, StoreError};
 
 /// A slice of the store: (case index, row).
@@ -95,8 +95,7 @@ pub fn batch(
     for (k, &id) in ids.iter().enumerate() {
         let mut sample = read(id)?;
         if let Some((aug, seed, epoch, first, pool)) = augment {
-            let mut rng = sample_rng(seed, epoch, first + k);
-            aug.apply(&mut sample, &mut rng, |rng| {
+            aug.apply(&mut sample, &Draws::new(seed, epoch, first + k), |rng| {
                 let other = pool[rng.random_range(0..pool.len())];
                 read(other).ok().map(|o| o.image)
             });
