@@ -13,6 +13,7 @@
 
 use std::path::Path;
 
+use burn::config::Config;
 use burn::module::{Module, Param};
 use burn::nn::Relu;
 use burn::nn::conv::ConvTranspose2d;
@@ -21,13 +22,21 @@ use burn::tensor::{Device, Tensor, TensorData};
 
 use super::blocks::{ConvBnRelu, up_conv};
 
-#[derive(Debug, Clone)]
+/// An FCN-8s's shape: `FcnConfig::new(in_channels, base).with_v2(true).init(&device)`.
+#[derive(Config, Debug)]
 pub struct FcnConfig {
+    /// Input channels (the slice and its context slices).
     pub in_channels: usize,
-    pub classes: usize,
     /// VGG16's first width (64); later blocks double it up to 8x.
     pub base: usize,
+    /// Output classes: background, kidney, tumor.
+    #[config(default = "super::CLASSES")]
+    pub classes: usize,
+    /// The study's FCN V2: a 3x3 convolution + ReLU after each transposed convolution.
+    #[config(default = "false")]
     pub v2: bool,
+    /// Batch norm after every encoder convolution.
+    #[config(default = "false")]
     pub batch_norm: bool,
 }
 
@@ -85,6 +94,11 @@ impl FcnConfig {
 }
 
 impl Fcn {
+    /// Per-pixel class logits.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, height, width]`, height and width multiples of 32
+    /// - output: `[batch, classes, height, width]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut pools = Vec::with_capacity(5);
         let mut x = x;

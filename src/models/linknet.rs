@@ -3,6 +3,7 @@
 //! expand, each with batch norm and ReLU), each encoder stage's output added into the
 //! decoder at its scale.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
@@ -11,12 +12,16 @@ use burn::tensor::{Device, Tensor};
 
 use super::blocks::{ConvBnRelu, up_conv};
 
-#[derive(Debug, Clone)]
+/// A LinkNet's shape: `LinkNetConfig::new(in_channels, base).init(&device)`.
+#[derive(Config, Debug)]
 pub struct LinkNetConfig {
+    /// Input channels (the slice and its context slices).
     pub in_channels: usize,
-    pub classes: usize,
     /// ResNet18's first width (64).
     pub base: usize,
+    /// Output classes: background, kidney, tumor.
+    #[config(default = "super::CLASSES")]
+    pub classes: usize,
 }
 
 /// Convolution (no bias) and batch norm, as ResNet uses them.
@@ -156,6 +161,11 @@ impl LinkNetConfig {
 }
 
 impl LinkNet {
+    /// Per-pixel class logits.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, height, width]`, height and width multiples of 32
+    /// - output: `[batch, classes, height, width]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self.relu.forward(self.stem.forward(x));
         let mut x = self.pool.forward(x);

@@ -116,6 +116,12 @@ pub enum Network {
 }
 
 impl Network {
+    /// Per-pixel class logits.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, height, width]`, height and width multiples of
+    ///   [`ModelConfig::size_multiple`]
+    /// - output: `[batch, CLASSES, height, width]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         match self {
             Network::UNet(m) => m.forward(x),
@@ -145,33 +151,20 @@ impl ModelConfig {
     pub fn init(&self, device: &Device) -> Network {
         match self.kind {
             ModelKind::Unet => Network::UNet(
-                UNetConfig {
-                    in_channels: self.in_channels,
-                    classes: CLASSES,
-                    base: self.base,
-                    batch_norm: self.batch_norm,
-                    up_kernel: self.up_kernel,
-                }
-                .init(device),
+                UNetConfig::new(self.in_channels, self.base)
+                    .with_batch_norm(self.batch_norm)
+                    .with_up_kernel(self.up_kernel)
+                    .init(device),
             ),
             ModelKind::Fcn8s | ModelKind::Fcn8sV2 => Network::Fcn(
-                FcnConfig {
-                    in_channels: self.in_channels,
-                    classes: CLASSES,
-                    base: self.base,
-                    v2: self.kind == ModelKind::Fcn8sV2,
-                    batch_norm: self.batch_norm,
-                }
-                .init(device),
+                FcnConfig::new(self.in_channels, self.base)
+                    .with_v2(self.kind == ModelKind::Fcn8sV2)
+                    .with_batch_norm(self.batch_norm)
+                    .init(device),
             ),
-            ModelKind::Linknet => Network::LinkNet(
-                LinkNetConfig {
-                    in_channels: self.in_channels,
-                    classes: CLASSES,
-                    base: self.base,
-                }
-                .init(device),
-            ),
+            ModelKind::Linknet => {
+                Network::LinkNet(LinkNetConfig::new(self.in_channels, self.base).init(device))
+            }
         }
     }
 

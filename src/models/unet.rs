@@ -6,6 +6,7 @@
 //! of the study's 31,031,857. The study's text says 3x3 up-convolutions, but that gives
 //! 34.5 M (+11%): `up-kernel = 3` builds it anyway.
 
+use burn::config::Config;
 use burn::module::Module;
 use burn::nn::Relu;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d};
@@ -14,12 +15,21 @@ use burn::tensor::{Device, Tensor};
 
 use super::blocks::{ConvBnRelu, up_conv};
 
-#[derive(Debug, Clone)]
+/// A U-Net's shape: `UNetConfig::new(in_channels, base).with_batch_norm(true).init(&device)`.
+#[derive(Config, Debug)]
 pub struct UNetConfig {
+    /// Input channels (the slice and its context slices).
     pub in_channels: usize,
-    pub classes: usize,
+    /// Width of the first level; each level below doubles it (64 in the study).
     pub base: usize,
+    /// Output classes: background, kidney, tumor.
+    #[config(default = "super::CLASSES")]
+    pub classes: usize,
+    /// Batch norm after every 3x3 convolution.
+    #[config(default = "false")]
     pub batch_norm: bool,
+    /// The transposed convolutions' kernel: 2 (the study's parameter count) or 3.
+    #[config(default = "2")]
     pub up_kernel: usize,
 }
 
@@ -83,6 +93,11 @@ impl UNetConfig {
 }
 
 impl UNet {
+    /// Per-pixel class logits.
+    ///
+    /// # Shapes
+    /// - input: `[batch, in_channels, height, width]`, height and width multiples of 16
+    /// - output: `[batch, classes, height, width]`
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let mut skips = Vec::with_capacity(4);
         let mut x = x;
