@@ -43,7 +43,7 @@ pub fn parse_params<T: DeserializeOwned>(value: Value) -> (Option<T>, Vec<ParamI
         let mut unknown = Vec::new();
         let result: Result<T, _> = serde_path_to_error::deserialize(
             serde_ignored::Deserializer::new(value.clone(), &mut |p: serde_ignored::Path| {
-                unknown.push(ignored_path(&p))
+                unknown.push(ignored_path(&p));
             }),
         );
         for path in unknown {

@@ -193,7 +193,7 @@ impl FetchReporter for FetchBars {
                 }
                 match outcome {
                     FileOutcome::Fetched { bytes } => {
-                        self.line(format!(" fetched  {file} ({})", HumanBytes(*bytes)))
+                        self.line(format!(" fetched  {file} ({})", HumanBytes(*bytes)));
                     }
                     FileOutcome::Present => {}
                     FileOutcome::Failed(e) => self.line(format!("  failed  {file}: {e}")),

@@ -2,6 +2,9 @@
 //! `args.rs`), and how results and errors are shown.
 //! Data (JSON, tables) goes to stdout; logs, progress and errors to stderr.
 
+// The command line is where kpipe talks to its user.
+#![allow(clippy::print_stdout, clippy::print_stderr)]
+
 mod args;
 mod bench;
 mod cache;

@@ -79,7 +79,7 @@ impl ConfigError {
 
 impl std::fmt::Display for ConfigError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut out = term::termcolor::NoColor::new(Vec::new());
+        let mut out = termcolor::NoColor::new(Vec::new());
         self.emit(&mut out).map_err(|_| std::fmt::Error)?;
         f.write_str(String::from_utf8_lossy(&out.into_inner()).trim_end())
     }

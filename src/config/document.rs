@@ -114,7 +114,7 @@ impl Document {
                 .and_then(|t| t.get(wanted));
             match chosen.map(|v| v.get_ref()) {
                 Some(DeValue::Table(t)) => {
-                    doc.merge(t, file, &format!("profile `{wanted}`"), problems)
+                    doc.merge(t, file, &format!("profile `{wanted}`"), problems);
                 }
                 Some(_) => {
                     let at = chosen.map(|v| Located {

@@ -380,7 +380,7 @@ impl Volume {
                 }
             }};
         }
-        by_datatype!(self.datatype, each)
+        by_datatype!(self.datatype, each);
     }
 
     /// The values nibabel's `get_fdata()` returns, in file (Fortran) order.

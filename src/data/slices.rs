@@ -76,7 +76,7 @@ impl ndarray_npy::ViewElement for F16 {
         if bytes.len() > need {
             return Err(E::ExtraBytes(bytes.len() - need));
         }
-        if bytes.as_ptr().align_offset(std::mem::align_of::<F16>()) != 0 {
+        if bytes.as_ptr().align_offset(align_of::<F16>()) != 0 {
             return Err(E::Misaligned);
         }
         // SAFETY: F16 is a transparent u16 (any bit pattern is valid); length and

@@ -409,7 +409,7 @@ fn run_node(
         reporter.event(Event::Progress {
             id: &st.id,
             progress: &p,
-        })
+        });
     };
     let ctx = RunContext {
         id: &st.id,

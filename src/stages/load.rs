@@ -154,7 +154,7 @@ impl Stage for Load {
                 let total = self.cases as u64;
                 ctx.report(0, total, "generating phantoms");
                 phantom::write_dataset(&root, &spec, &|n| {
-                    ctx.report(n as u64, total, "generating phantoms")
+                    ctx.report(n as u64, total, "generating phantoms");
                 })
                 .map_err(StageError::other)?;
                 (root, "synthetic")

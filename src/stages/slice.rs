@@ -125,13 +125,13 @@ impl Stage for Slice {
                 issues.push(ParamIssue::new(
                     "normalize",
                     "`mean` and `std` apply to `normalize = \"z-score\"` only",
-                ))
+                ));
             }
             (Normalize::ZScore, Some(_), None) | (Normalize::ZScore, None, Some(_)) => {
                 issues.push(ParamIssue::new(
                     "normalize",
                     "give both `mean` and `std`, or neither (foreground statistics)",
-                ))
+                ));
             }
             (_, _, Some(s)) if s <= 0.0 => issues.push(ParamIssue::new("std", "must be positive")),
             _ => {}
