@@ -2,6 +2,8 @@
 //! a GPU (with the `gpu` cargo feature).
 
 use burn::tensor::Device;
+
+use crate::hint::Message;
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -19,7 +21,7 @@ pub fn cpu() -> Device {
 
 /// The device for a backend. Devices are always built explicitly: adding the GPU feature
 /// moves burn's `Device::default()` off the CPU.
-pub fn device(kind: BackendKind, index: usize) -> Result<Device, String> {
+pub fn device(kind: BackendKind, index: usize) -> Result<Device, Message> {
     match kind {
         BackendKind::Cpu => Ok(cpu()),
         #[cfg(feature = "gpu")]
@@ -31,7 +33,8 @@ pub fn device(kind: BackendKind, index: usize) -> Result<Device, String> {
         #[cfg(not(feature = "gpu"))]
         BackendKind::Gpu => {
             let _ = index;
-            Err("this kpipe was built without GPU support\nhint: build with `cargo build --features gpu` (burn-wgpu)".into())
+            Err(Message::new("this kpipe was built without GPU support")
+                .with_hint("build with `cargo build --features gpu` (burn-wgpu)"))
         }
     }
 }

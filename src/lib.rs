@@ -16,6 +16,7 @@ pub mod fetch;
 pub mod figures;
 pub mod files;
 pub mod graph;
+pub mod hint;
 pub mod metrics;
 pub mod models;
 pub mod predict;
@@ -27,7 +28,7 @@ pub mod verify;
 /// The layers, lowest first: a module may use only the modules before it.
 #[cfg(test)]
 const LAYERS: &[&str] = &[
-    "files", "schema", "backend", "figures", "cache", "data", "metrics", "models", "train",
+    "files", "hint", "schema", "backend", "figures", "cache", "data", "metrics", "models", "train",
     "predict", "stages", "config", "graph", "exec", "verify", "fetch", "bench", "cli",
 ];
 

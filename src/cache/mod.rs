@@ -58,6 +58,20 @@ pub enum CacheError {
     Corrupt { path: PathBuf, why: String },
 }
 
+impl CacheError {
+    /// An entry that is not what was written (exit code 3), rather than an I/O failure.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(self, CacheError::Corrupt { .. })
+    }
+}
+
+impl crate::hint::Hint for CacheError {
+    fn hint(&self) -> Option<String> {
+        self.is_corrupt()
+            .then(|| "remove it (`kpipe gc --corrupt`) and run again".into())
+    }
+}
+
 fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> CacheError {
     let path = path.to_path_buf();
     move |source| CacheError::Io {

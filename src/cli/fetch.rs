@@ -11,7 +11,7 @@ use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, Prog
 
 use super::args::{FetchCommand, GlobalArgs};
 use super::util::progress_bars;
-use super::{CliError, exit};
+use super::{CliError, exit, usage};
 use crate::fetch::{CaseStatus, FetchEvent, FetchOptions, FetchReporter, FileOutcome};
 
 /// Runs `kpipe fetch ...`; returns the exit code.
@@ -35,7 +35,7 @@ pub(super) fn run(
         crate::fetch::FetchError::Io { ref source, .. } => {
             CliError::Output(std::io::Error::new(source.kind(), e.to_string()))
         }
-        crate::fetch::FetchError::Url(_) => CliError::Usage(e.to_string()),
+        crate::fetch::FetchError::Url(_) => usage(e.to_string()),
     })?;
     bars.finish();
     for case in &summary.cases {

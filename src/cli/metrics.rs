@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use super::args::{GlobalArgs, MetricsArgs, PipelineArgs};
 use super::util::{load, print_flat, print_json};
-use super::{CliError, exit};
+use super::{CliError, advise, exit};
 use crate::cache::{Cache, LockFile};
 use crate::graph::Plan;
 
@@ -20,10 +20,10 @@ pub(super) fn report(
     let cache = Cache::open(&global.cache_dir)?;
     let found = latest_outputs(&plan, &cache, "report");
     if found.is_empty() {
-        return Err(CliError::Usage(format!(
-            "no report of `{}` in the cache\nhint: run the pipeline first",
-            pipeline.file.display()
-        )));
+        return Err(advise(
+            format!("no report of `{}` in the cache", pipeline.file.display()),
+            "run the pipeline first",
+        ));
     }
     for (id, dir) in found {
         writeln!(out, "{id}: {}", dir.join("report.html").display())?;
@@ -66,10 +66,13 @@ pub(super) fn metrics(
         }
     }
     if all.is_empty() {
-        return Err(CliError::Usage(format!(
-            "no evaluate or sweep results of `{}` in the cache\nhint: run the pipeline first",
-            args.pipeline.file.display()
-        )));
+        return Err(advise(
+            format!(
+                "no evaluate or sweep results of `{}` in the cache",
+                args.pipeline.file.display()
+            ),
+            "run the pipeline first",
+        ));
     }
     if args.json {
         print_json(out, &all)?;

@@ -29,6 +29,10 @@ use args::Command;
 
 use crate::cache::CacheError;
 use crate::config::ConfigError;
+use crate::data::nifti::NiftiError;
+use crate::hint::{Hint, Message};
+use crate::metrics::kits::ScoreError;
+use crate::predict::PredictError;
 
 /// Exit codes, as `--help` documents them.
 pub mod exit {
@@ -47,21 +51,66 @@ pub enum CliError {
     Cache(#[from] CacheError),
     #[error(transparent)]
     Stage(#[from] crate::stages::StageError),
-    #[error("{0}")]
-    Usage(String),
+    /// A bad argument (exit code 2).
+    #[error(transparent)]
+    Usage(Message),
     #[error("cannot write output: {0}")]
     Output(#[from] std::io::Error),
     #[error(transparent)]
-    Nifti(#[from] crate::data::nifti::NiftiError),
+    Nifti(#[from] NiftiError),
+    /// A model that cannot be loaded or run, or a volume that does not fit it.
+    #[error(transparent)]
+    Predict(#[from] PredictError),
+    /// A pair of volumes that cannot be compared.
+    #[error("{name}: {error}")]
+    Score { name: String, error: ScoreError },
+}
+
+/// A bad argument.
+pub(crate) fn usage(text: impl Into<String>) -> CliError {
+    CliError::Usage(Message::new(text))
+}
+
+/// A bad argument, and what to do instead.
+pub(crate) fn advise(text: impl Into<String>, hint: impl Into<String>) -> CliError {
+    CliError::Usage(Message::new(text).with_hint(hint))
+}
+
+impl Hint for CliError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            CliError::Usage(m) => m.hint(),
+            CliError::Cache(e) => e.hint(),
+            CliError::Stage(e) => e.hint(),
+            CliError::Nifti(e) | CliError::Predict(PredictError::Nifti(e)) => e.hint(),
+            _ => None,
+        }
+    }
 }
 
 impl CliError {
+    /// The one place an error becomes an exit code: a bad argument or configuration 2
+    /// (a file that is not there included), a failure while working 1 (a volume or model
+    /// that cannot be read), a corrupt cache entry 3. (Runs and verifications count their
+    /// nodes' outcomes instead: [`crate::exec::RunSummary::exit_code`].)
     pub fn exit_code(&self) -> i32 {
+        let nifti = |e: &NiftiError| {
+            if e.is_not_found() {
+                exit::CONFIG
+            } else {
+                exit::STAGE_FAILED
+            }
+        };
         match self {
-            CliError::Config(_) => exit::CONFIG,
-            CliError::Cache(CacheError::Corrupt { .. }) => exit::CORRUPT,
-            CliError::Nifti(_) | CliError::Usage(_) => exit::CONFIG,
-            CliError::Cache(_) | CliError::Stage(_) | CliError::Output(_) => exit::STAGE_FAILED,
+            CliError::Config(_) | CliError::Usage(_) => exit::CONFIG,
+            CliError::Cache(e) if e.is_corrupt() => exit::CORRUPT,
+            CliError::Nifti(e) | CliError::Predict(PredictError::Nifti(e)) => nifti(e),
+            CliError::Predict(PredictError::Input(_)) => exit::CONFIG,
+            CliError::Cache(_)
+            | CliError::Stage(_)
+            | CliError::Output(_)
+            | CliError::Predict(_)
+            | CliError::Score { .. } => exit::STAGE_FAILED,
         }
     }
 }
@@ -105,17 +154,23 @@ fn report_error(e: &CliError) {
         let _ = c.emit(&mut stderr);
         return;
     }
-    let text = e.to_string();
-    let (main, hints): (Vec<&str>, Vec<&str>) = text.lines().partition(|l| !l.starts_with("hint:"));
-    eprintln!("error: {}", main.join("\n"));
+    eprintln!("error: {e}");
     let mut source = std::error::Error::source(e);
     while let Some(s) = source {
         eprintln!("  caused by: {s}");
         source = s.source();
     }
-    for h in hints {
-        eprintln!("{h}");
+    if let Some(h) = e.hint() {
+        eprintln!("{}", hint_lines(&h));
     }
+}
+
+/// `hint: ...` for each line of a hint.
+fn hint_lines(hint: &str) -> String {
+    hint.lines()
+        .map(|l| format!("hint: {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Runs the command; stdout is locked for its whole run.

@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 
 use super::args::{BackendArg, GlobalArgs, PredictArgs};
 use super::util::progress_bars;
-use super::{CliError, exit};
+use super::{CliError, advise, exit, usage};
 use crate::backend::BackendKind;
 use crate::cache::{Cache, LockFile};
+use crate::predict::PredictError;
 
 /// Segments each input; a line `input -> output` per volume written.
 pub(super) fn run(
@@ -22,21 +23,15 @@ pub(super) fn run(
     };
     let device = crate::backend::device(kind, 0).map_err(CliError::Usage)?;
     let model = resolve_model(&args.model, args.profile.as_deref(), &global.cache_dir)?;
-    let (net, file) =
-        crate::train::load_network(&model, &device).map_err(|e| CliError::Usage(e.to_string()))?;
-    let pairs = crate::predict::plan_outputs(&args.inputs, &args.out)
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+    let (net, file) = crate::train::load_network(&model, &device).map_err(PredictError::Train)?;
+    let pairs = crate::predict::plan_outputs(&args.inputs, &args.out)?;
     let bar = indicatif::ProgressBar::new(pairs.len() as u64);
     if !progress_bars(global) {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
     for (input, output) in &pairs {
         bar.set_message(input.display().to_string());
-        crate::predict::predict_volume(&net, &file, &device, input, output, args.batch_size)
-            .map_err(|e| match e {
-                crate::predict::PredictError::Nifti(n) => CliError::Nifti(n),
-                other => CliError::Usage(other.to_string()),
-            })?;
+        crate::predict::predict_volume(&net, &file, &device, input, output, args.batch_size)?;
         bar.inc(1);
         writeln!(out, "{} -> {}", input.display(), output.display())?;
     }
@@ -52,23 +47,29 @@ fn resolve_model(spec: &str, profile: Option<&str>, cache_dir: &Path) -> Result<
         if direct.is_dir() {
             return Ok(direct.to_path_buf());
         }
-        return Err(CliError::Usage(format!(
-            "--model `{spec}`: no such directory\nhint: give a train artifact directory or `PIPELINE.toml:NODE`"
-        )));
+        return Err(advise(
+            format!("--model `{spec}`: no such directory"),
+            "give a train artifact directory or `PIPELINE.toml:NODE`",
+        ));
     };
     let (file, node) = (Path::new(&spec[..at + 5]), &spec[at + 6..]);
     let lock_path = LockFile::path_for(file, profile);
     let lock = LockFile::read(&lock_path)?;
     if lock.nodes.is_empty() {
-        return Err(CliError::Usage(format!(
-            "--model `{spec}`: `{}` has no results (no `{}`)\nhint: run `kpipe run {}{}` first",
-            file.display(),
-            lock_path.display(),
-            file.display(),
-            profile
-                .map(|p| format!(" --profile {p}"))
-                .unwrap_or_default()
-        )));
+        return Err(advise(
+            format!(
+                "--model `{spec}`: `{}` has no results (no `{}`)",
+                file.display(),
+                lock_path.display(),
+            ),
+            format!(
+                "run `kpipe run {}{}` first",
+                file.display(),
+                profile
+                    .map(|p| format!(" --profile {p}"))
+                    .unwrap_or_default()
+            ),
+        ));
     }
     let (id, port) = match lock.nodes.contains_key(node) {
         true => (node, None),
@@ -81,24 +82,27 @@ fn resolve_model(spec: &str, profile: Option<&str>, cache_dir: &Path) -> Result<
                     .filter(|(_, r)| r.kind == "train" || r.kind == "sweep")
                     .map(|(id, _)| id.as_str())
                     .collect();
-                return Err(CliError::Usage(format!(
-                    "--model `{spec}`: no node `{node}` in `{}`\nhint: models there: {}",
-                    lock_path.display(),
-                    known.join(", ")
-                )));
+                return Err(advise(
+                    format!(
+                        "--model `{spec}`: no node `{node}` in `{}`",
+                        lock_path.display()
+                    ),
+                    format!("models there: {}", known.join(", ")),
+                ));
             }
         },
     };
     let cache = Cache::open(cache_dir)?;
     let entry = cache.get(&lock.nodes[id].key)?.ok_or_else(|| {
-        CliError::Usage(format!(
-            "--model `{spec}`: the result of `{id}` is no longer in the cache\nhint: run the pipeline again"
-        ))
+        advise(
+            format!("--model `{spec}`: the result of `{id}` is no longer in the cache"),
+            "run the pipeline again",
+        )
     })?;
     match port {
         None => Ok(entry.out()),
         Some(p) if entry.out().join(p).is_dir() => Ok(entry.out().join(p)),
-        Some(p) => Err(CliError::Usage(format!(
+        Some(p) => Err(usage(format!(
             "--model `{spec}`: `{id}` has no output `{p}`"
         ))),
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::exec::{Event, Reporter};
+use crate::hint::Hint;
 
 pub struct TermReporter {
     multi: Option<MultiProgress>,
@@ -89,11 +90,9 @@ impl Reporter for TermReporter {
             }
             Event::Failed { id, error } => {
                 self.drop_bar(id);
-                let (main, hints): (Vec<&str>, Vec<&str>) =
-                    error.lines().partition(|l| !l.starts_with("hint:"));
-                let mut text = format!("  failed  {id}\nerror: {}", main.join("\n"));
-                for h in hints {
-                    text += &format!("\n{h}");
+                let mut text = format!("  failed  {id}\nerror: {error}");
+                if let Some(h) = error.hint() {
+                    text += &format!("\n{}", super::hint_lines(&h));
                 }
                 self.line(text);
             }

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use super::args::ScoreArgs;
 use super::util::{print_flat, print_json};
-use super::{CliError, exit};
+use super::{CliError, exit, usage};
+use crate::metrics::kits::ScoreError;
 
 /// Scores each pair; with several, their means and the KiTS19 score too.
 pub(super) fn run(args: &ScoreArgs, out: &mut impl Write) -> Result<i32, CliError> {
@@ -15,8 +16,8 @@ pub(super) fn run(args: &ScoreArgs, out: &mut impl Write) -> Result<i32, CliErro
             (Some(t), Some(p), _, _) => vec![(t.display().to_string(), t.clone(), p.clone())],
             (_, _, Some(td), Some(pd)) => score_pairs(td, pd)?,
             _ => {
-                return Err(CliError::Usage(
-                    "give --truth and --pred, or --truth-dir and --pred-dir".into(),
+                return Err(usage(
+                    "give --truth and --pred, or --truth-dir and --pred-dir",
                 ));
             }
         };
@@ -25,8 +26,11 @@ pub(super) fn run(args: &ScoreArgs, out: &mut impl Write) -> Result<i32, CliErro
     for (name, t, p) in &pairs {
         let s =
             crate::metrics::kits::score_files(t, p, args.label_policy).map_err(|e| match e {
-                crate::metrics::kits::ScoreError::Nifti(n) => CliError::Nifti(n),
-                other => CliError::Usage(format!("{name}: {other}")),
+                ScoreError::Nifti(n) => CliError::Nifti(n),
+                error => CliError::Score {
+                    name: name.clone(),
+                    error,
+                },
             })?;
         kt.push(s.kidney_tumor_dice);
         tu.push(s.tumor_dice);
@@ -57,7 +61,7 @@ fn score_pairs(
 ) -> Result<Vec<(String, PathBuf, PathBuf)>, CliError> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(truth_dir)
-        .map_err(|e| CliError::Usage(format!("cannot read `{}`: {e}", truth_dir.display())))?;
+        .map_err(|e| usage(format!("cannot read `{}`: {e}", truth_dir.display())))?;
     let mut cases: Vec<String> = rd
         .flatten()
         .filter_map(|e| e.file_name().to_str().map(str::to_string))
@@ -77,7 +81,7 @@ fn score_pairs(
         match (truth.exists(), pred) {
             (true, Some(p)) => out.push((case, truth, p)),
             (true, None) => {
-                return Err(CliError::Usage(format!(
+                return Err(usage(format!(
                     "no prediction for `{case}` in `{}`",
                     pred_dir.display()
                 )));
@@ -86,7 +90,7 @@ fn score_pairs(
         }
     }
     if out.is_empty() {
-        return Err(CliError::Usage(format!(
+        return Err(usage(format!(
             "no cases with a segmentation in `{}`",
             truth_dir.display()
         )));

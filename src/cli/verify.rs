@@ -5,7 +5,7 @@ use std::io::Write;
 
 use super::args::{GlobalArgs, PipelineArgs, VerifyArgs};
 use super::util::{load, progress_bars};
-use super::{CliError, exit, progress};
+use super::{CliError, advise, exit, progress};
 use crate::cache::{Cache, LockFile};
 use crate::exec::RunOptions;
 use crate::verify::{NodeCheck, Verdict};
@@ -29,16 +29,18 @@ pub(super) fn run(
     let plan = load(&pipeline)?;
     let lock_path = LockFile::path_for(&plan.spec.file, plan.spec.profile.as_deref());
     if !lock_path.is_file() {
-        return Err(CliError::Usage(format!(
-            "no lock file `{}` to verify against\nhint: run the pipeline first (`kpipe run {}{}`), or check out the lock file that came with it",
-            lock_path.display(),
-            pipeline.file.display(),
-            pipeline
-                .profile
-                .as_deref()
-                .map(|p| format!(" --profile {p}"))
-                .unwrap_or_default()
-        )));
+        return Err(advise(
+            format!("no lock file `{}` to verify against", lock_path.display()),
+            format!(
+                "run the pipeline first (`kpipe run {}{}`), or check out the lock file that came with it",
+                pipeline.file.display(),
+                pipeline
+                    .profile
+                    .as_deref()
+                    .map(|p| format!(" --profile {p}"))
+                    .unwrap_or_default()
+            ),
+        ));
     }
     let mut opts = RunOptions::default();
     if let Some(j) = args.jobs {

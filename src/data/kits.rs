@@ -108,10 +108,29 @@ pub enum KitsError {
     Invalid { path: PathBuf, why: String },
     #[error("{case}: {why}")]
     Case { case: String, why: String },
+    #[error("{case}: segmentation has labels outside {{0, 1, 2}}: {list}")]
+    Labels { case: String, list: String },
     #[error("{case}: {source}")]
     Nifti { case: String, source: NiftiError },
     #[error("{} cases are broken:\n  {}", .0.len(), .0.iter().map(|e| e.to_string().replace('\n', "\n    ")).collect::<Vec<_>>().join("\n  "))]
     Many(Vec<KitsError>),
+}
+
+impl crate::hint::Hint for KitsError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            KitsError::Labels { .. } => {
+                Some("`label-policy = \"background\"` counts them as background".into())
+            }
+            KitsError::Nifti { source, .. } => source.hint(),
+            KitsError::Many(all) => {
+                let mut hints: Vec<String> = all.iter().filter_map(|e| e.hint()).collect();
+                hints.dedup();
+                (!hints.is_empty()).then(|| hints.join("\n"))
+            }
+            _ => None,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -309,12 +328,7 @@ fn check_case(
             .join(", ");
         match policy {
             LabelPolicy::Error => {
-                return Err(KitsError::Case {
-                    case: case(),
-                    why: format!(
-                        "segmentation has labels outside {{0, 1, 2}}: {list}\nhint: `label-policy = \"background\"` counts them as background"
-                    ),
-                });
+                return Err(KitsError::Labels { case: case(), list });
             }
             LabelPolicy::Background => {
                 counts[0] += relabelled;

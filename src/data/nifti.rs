@@ -23,9 +23,7 @@ pub enum NiftiError {
     },
     #[error("`{path}` is not a NIfTI-1 file: {why}")]
     NotNifti { path: PathBuf, why: String },
-    #[error(
-        "`{path}` is a NIfTI-2 file, which kpipe does not read\nhint: convert it to NIfTI-1, e.g. with nibabel: `nib.Nifti1Image(img.dataobj, img.affine).to_filename(...)`"
-    )]
+    #[error("`{path}` is a NIfTI-2 file, which kpipe does not read")]
     Nifti2 { path: PathBuf },
     #[error("`{path}` is truncated: {why}")]
     Truncated { path: PathBuf, why: String },
@@ -34,13 +32,30 @@ pub enum NiftiError {
     #[error("`{path}`: {why}")]
     Invalid { path: PathBuf, why: String },
     #[error(
-        "`{path}` has changed since it was loaded: its content digest is {actual}, but {recorded} was recorded\nhint: run the pipeline again: the load stage sees the change and what depends on it runs again"
+        "`{path}` has changed since it was loaded: its content digest is {actual}, but {recorded} was recorded"
     )]
     Changed {
         path: PathBuf,
         actual: String,
         recorded: String,
     },
+}
+
+impl crate::hint::Hint for NiftiError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            NiftiError::Nifti2 { .. } => Some("convert it to NIfTI-1, e.g. with nibabel: `nib.Nifti1Image(img.dataobj, img.affine).to_filename(...)`".into()),
+            NiftiError::Changed { .. } => Some("run the pipeline again: the load stage sees the change and what depends on it runs again".into()),
+            _ => None,
+        }
+    }
+}
+
+impl NiftiError {
+    /// A file that is not there (an argument's fault), rather than one that is unreadable.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, NiftiError::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+    }
 }
 
 /// Runs the macro `$go` with the Rust type of a [`Datatype`].

@@ -14,7 +14,7 @@ mod preview;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Instant;
 
 pub use preview::{NodePreview, PreviewStatus, preview};
@@ -23,6 +23,7 @@ use crate::cache::{
     CACHE_FORMAT, Cache, CacheError, Entry, KeyMaterial, LockFile, LockRecord, Manifest,
 };
 use crate::graph::Plan;
+use crate::hint::Hint;
 use crate::stages::{CheckContext, Progress, RunContext, StageError};
 
 /// What happens to nodes, as it happens.
@@ -48,7 +49,7 @@ pub enum Event<'a> {
     },
     Failed {
         id: &'a str,
-        error: &'a str,
+        error: &'a NodeError,
     },
     Skipped {
         id: &'a str,
@@ -90,8 +91,42 @@ impl Default for RunOptions {
     }
 }
 
+/// Why a node did not complete, with the causes the stage or the cache gave.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The stage failed, or its key could not be computed.
+    #[error(transparent)]
+    Stage(#[from] StageError),
+    /// The cache could not be read or written, or the node's own entry is corrupt.
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    /// An input's entry is not what was written (re-hashed before the stage reads it).
+    #[error("input `{id}`: {source}")]
+    CorruptInput { id: String, source: CacheError },
+}
+
+impl NodeError {
+    /// A corrupt cache entry (exit code 3) rather than a failure while working.
+    pub fn is_corrupt(&self) -> bool {
+        matches!(
+            self,
+            NodeError::Cache(CacheError::Corrupt { .. }) | NodeError::CorruptInput { .. }
+        )
+    }
+}
+
+impl Hint for NodeError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            NodeError::Stage(e) => e.hint(),
+            _ if self.is_corrupt() => Some("remove it (`kpipe gc --corrupt`) and run again".into()),
+            NodeError::Cache(_) | NodeError::CorruptInput { .. } => None,
+        }
+    }
+}
+
 /// How a node ended.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Outcome {
     Ran {
         key: String,
@@ -103,11 +138,11 @@ pub enum Outcome {
         output: String,
     },
     Failed {
-        error: String,
+        error: Arc<NodeError>,
     },
-    /// Its cache entry failed verification.
+    /// Its cache entry, or an input's, failed verification.
     Corrupt {
-        error: String,
+        error: Arc<NodeError>,
     },
     Skipped {
         reason: String,
@@ -197,7 +232,7 @@ pub fn run(
     let mut digests: Vec<Option<String>> = vec![None; n];
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
     reporter.event(Event::Planned { nodes: n });
-    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<(Entry, f64), NodeFailure>)>();
+    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<(Entry, f64), NodeError>)>();
     std::thread::scope(|scope| {
         let (mut running, mut device_busy, mut stop) = (0usize, 0usize, false);
         loop {
@@ -233,7 +268,7 @@ pub fn run(
                     Ok(Some(k)) => k,
                     Ok(None) => continue,
                     Err(e) => {
-                        let error = e.to_string();
+                        let error = Arc::new(NodeError::from(e));
                         reporter.event(Event::Failed { id, error: &error });
                         outcomes[i] = Some(Outcome::Failed { error });
                         state[i] = State::Ended;
@@ -256,10 +291,13 @@ pub fn run(
                         continue;
                     }
                     Err(e) => {
-                        let error =
-                            format!("{e}\nhint: remove it (`kpipe gc --corrupt`) and run again");
+                        let error = Arc::new(NodeError::from(e));
                         reporter.event(Event::Failed { id, error: &error });
-                        outcomes[i] = Some(Outcome::Corrupt { error });
+                        outcomes[i] = Some(if error.is_corrupt() {
+                            Outcome::Corrupt { error }
+                        } else {
+                            Outcome::Failed { error }
+                        });
                         state[i] = State::Ended;
                         stop |= opts.fail_fast;
                         continue;
@@ -316,9 +354,10 @@ pub fn run(
                         entry: Box::new(entry),
                     };
                 }
-                Err(NodeFailure { error, corrupt }) => {
+                Err(error) => {
                     reporter.event(Event::Failed { id, error: &error });
-                    outcomes[i] = Some(if corrupt {
+                    let error = Arc::new(error);
+                    outcomes[i] = Some(if error.is_corrupt() {
                         Outcome::Corrupt { error }
                     } else {
                         Outcome::Failed { error }
@@ -350,21 +389,6 @@ pub fn run(
     Ok(summary)
 }
 
-/// Why a node did not complete: a failure, or a corrupt input entry (exit code 3).
-struct NodeFailure {
-    error: String,
-    corrupt: bool,
-}
-
-impl From<String> for NodeFailure {
-    fn from(error: String) -> Self {
-        NodeFailure {
-            error,
-            corrupt: false,
-        }
-    }
-}
-
 fn run_node(
     plan: &Plan,
     cache: &Cache,
@@ -372,19 +396,19 @@ fn run_node(
     key: &NodeKey,
     input_entries: &[(String, Entry)],
     reporter: &dyn Reporter,
-) -> Result<(Entry, f64), NodeFailure> {
+) -> Result<(Entry, f64), NodeError> {
     let st = &plan.spec.stages[i];
     let span = tracing::info_span!("stage", id = %st.id, kind = st.stage.kind());
     let _guard = span.enter();
     let start = Instant::now();
     // what the stage is about to read must be what was written
     for (id, entry) in input_entries {
-        cache.verify(entry).map_err(|e| NodeFailure {
-            error: format!(
-                "input `{id}`: {e}\nhint: remove it (`kpipe gc --corrupt`) and run again"
-            ),
-            corrupt: true,
-        })?;
+        cache
+            .verify(entry)
+            .map_err(|source| NodeError::CorruptInput {
+                id: id.clone(),
+                source,
+            })?;
     }
     let inputs: BTreeMap<String, PathBuf> = input_entries
         .iter()
@@ -402,7 +426,7 @@ fn run_node(
             dep.stage.data_root(&check).map(|r| (dep.id.clone(), r))
         })
         .collect();
-    let writer = cache.begin(&key.key).map_err(|e| e.to_string())?;
+    let writer = cache.begin(&key.key)?;
     let (out, scratch) = (writer.out(), writer.scratch());
     let resume = cache.resume_dir(&key.key);
     let progress = |p: Progress| {
@@ -424,7 +448,7 @@ fn run_node(
         progress: &progress,
     };
     tracing::info!("running");
-    st.stage.run(&ctx).map_err(|e| e.to_string())?;
+    st.stage.run(&ctx)?;
     let seconds = start.elapsed().as_secs_f64();
     let manifest = Manifest {
         format: CACHE_FORMAT,
@@ -442,7 +466,7 @@ fn run_node(
         duration_s: seconds,
         listing: vec![],
     };
-    let entry = writer.commit(manifest).map_err(|e| e.to_string())?;
+    let entry = writer.commit(manifest)?;
     let _ = std::fs::remove_dir_all(&resume);
     tracing::info!(seconds, "finished");
     Ok((entry, seconds))

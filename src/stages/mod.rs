@@ -27,6 +27,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::schema::ParamIssue;
 
+use crate::hint::{Hint, Message};
+
 /// A reference to another stage's output: `"split"` or `"split.train"`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -70,8 +72,30 @@ pub enum StageError {
     },
     #[error("{0}")]
     Failed(String),
+    /// A failure with advice.
+    #[error(transparent)]
+    Advised(#[from] Message),
     #[error(transparent)]
     Other(#[from] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl Hint for StageError {
+    /// The advice of the failure, or of the lower layer's error it keeps.
+    fn hint(&self) -> Option<String> {
+        match self {
+            StageError::Advised(m) => m.hint(),
+            StageError::Other(e) => {
+                if let Some(e) = e.downcast_ref::<crate::data::nifti::NiftiError>() {
+                    e.hint()
+                } else if let Some(e) = e.downcast_ref::<crate::data::kits::KitsError>() {
+                    e.hint()
+                } else {
+                    e.downcast_ref::<Message>().and_then(Hint::hint)
+                }
+            }
+            _ => None,
+        }
+    }
 }
 
 impl StageError {

@@ -35,6 +35,7 @@ use crate::data::resample::Filter;
 use crate::data::slices::{
     F16, NonSquare, Normalization, SliceMeta, SlicedCase, StorageType, prepare_case,
 };
+use crate::hint::Message;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "kebab-case")]
@@ -378,7 +379,10 @@ fn foreground_stats(
         .iter()
         .fold((0.0, 0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1, a.2 + p.2));
     if n == 0.0 {
-        return Err(StageError::Failed("no kidney or tumor voxels to compute z-score statistics from\nhint: give `mean` and `std`".into()));
+        return Err(StageError::Advised(
+            Message::new("no kidney or tumor voxels to compute z-score statistics from")
+                .with_hint("give `mean` and `std`"),
+        ));
     }
     let mean = s / n;
     Ok((mean, (s2 / n - mean * mean).max(1e-12).sqrt()))

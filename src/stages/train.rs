@@ -49,6 +49,7 @@ use crate::backend::{self, BackendKind};
 use crate::data::augment::Augment;
 use crate::data::loader::{Shuffle, slices_of};
 use crate::data::slices::SliceStore;
+use crate::hint::Message;
 use crate::models::{KeptEpoch, ModelConfig, ModelFile, ModelKind};
 use crate::train::loss::{Loss, LossKind};
 use crate::train::schedule::LearningRate;
@@ -265,19 +266,21 @@ impl Stage for Train {
             freeze_encoder: self.pretrained.is_some(),
         };
         if !store.meta.size.is_multiple_of(model.size_multiple()) {
-            return Err(StageError::Failed(format!(
-                "slice size {} is not a multiple of {}, which {} needs\nhint: set the slice stage's `size` to a multiple of {}",
-                store.meta.size,
-                model.size_multiple(),
-                self.model.name(),
-                model.size_multiple()
-            )));
+            let m = model.size_multiple();
+            return Err(StageError::Advised(
+                Message::new(format!(
+                    "slice size {} is not a multiple of {m}, which {} needs",
+                    store.meta.size,
+                    self.model.name(),
+                ))
+                .with_hint(format!("set the slice stage's `size` to a multiple of {m}")),
+            ));
         }
         let init_from = match &self.init_from {
             Some(r) => Some(ctx.input(r)?.join("model.safetensors")),
             None => None,
         };
-        let device = backend::device(self.backend, 0).map_err(StageError::Failed)?;
+        let device = backend::device(self.backend, 0).map_err(StageError::Advised)?;
         let job = Fit {
             model: model.clone(),
             epochs: self.epochs,
