@@ -1,31 +1,17 @@
 //! The study's machinery end to end on a tiny synthetic set: a learning-rate sweep, its
 //! comparison, evaluation, the report, `metrics`, `report` and `verify`.
 
-mod common;
-
-use common::{Project, ran};
+use crate::common::{self, Project, ran};
 use kpipe::data::nifti::Volume;
 
 fn sweep_pipeline() -> String {
-    common::data_pipeline(
-        "mini-study",
-        7,
-        5,
-        [16, 32, 32],
-        32,
-        "keep-empty = 0.3\n",
-        "ratios = [0.6, 0.2, 0.2]\n",
-    ) + r#"
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 4
-epochs = 2
-batch-size = 4
-batch-norm = true
-
+    common::small_data_pipeline("mini-study", 7)
+        + &common::train_stage(
+            "train",
+            4,
+            "epochs = 2\nbatch-size = 4\nbatch-norm = true\n",
+        )
+        + r#"
 [stages.train.sweep]
 learning-rate = [1e-2, 1e-5]
 select = { metric = "val-loss", mode = "min" }
@@ -212,30 +198,18 @@ fn evaluation_report_metrics_and_verify() {
 /// A sweep of a small train stage: `sweep` holds the axes (and `select`), `extra` more
 /// train keys, `after` more stages.
 fn arms_pipeline(extra: &str, sweep: &str, after: &str) -> String {
-    common::data_pipeline(
-        "arms",
-        11,
-        5,
-        [16, 32, 32],
-        32,
-        "keep-empty = 0.3\n",
-        "ratios = [0.6, 0.2, 0.2]\n",
-    ) + &format!(
-        r#"
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 4
-batch-size = 4
-batch-norm = true
-learning-rate = 1e-2
-{extra}
+    common::small_data_pipeline("arms", 11)
+        + &common::train_stage(
+            "train",
+            4,
+            "batch-size = 4\nbatch-norm = true\nlearning-rate = 1e-2\n",
+        )
+        + &format!(
+            r#"{extra}
 [stages.train.sweep]
 {sweep}
 {after}"#
-    )
+        )
 }
 
 /// The metrics rows (without the header) of every train artifact, by arm id.

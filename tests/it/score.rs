@@ -1,7 +1,7 @@
 //! `kpipe score` against values computed independently (numpy) on the real KiTS19 sample
 //! and a derived prediction in ../shared (skipped when absent), and its label policies.
 
-mod common;
+use crate::common;
 
 use kpipe::data::nifti::{Datatype, NewVolume, write_volume};
 

@@ -9,12 +9,10 @@
 //! (uint8 with an sform, uint16 with only a qform, the 512x796 case), each paired with
 //! imaging generated from its labels and written with its header's geometry.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use common::{Project, ran};
+use crate::common::{self, Project, ran};
 use kpipe::data::nifti::{Datatype, Geometry, NewVolume, Volume, write_volume_with};
 
 /// The real KiTS19 samples, or `None` (said on stderr) when `../shared` is absent.
@@ -151,7 +149,8 @@ fn files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// load -> slice -> split -> train on the folder `kits` (next to the pipeline file).
-const PORTABLE: &str = r#"
+fn portable() -> String {
+    r#"
 [pipeline]
 name = "portable"
 seed = 11
@@ -170,33 +169,18 @@ keep-empty = 0.0
 kind = "split"
 input = "load"
 ratios = [0.6, 0.2, 0.2]
-
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 4
-epochs = 1
-batch-size = 8
-learning-rate = 3e-3
-"#;
+"#
+    .to_string()
+        + &common::train_stage(
+            "train",
+            4,
+            "epochs = 1\nbatch-size = 8\nlearning-rate = 3e-3\n",
+        )
+}
 
 /// `kpipe plan --format json` of `p` with `cache`: (id, key, status, reason) per node.
 fn plan_keys(p: &Project, cache: &Path) -> Vec<(String, String, String, String)> {
-    let (code, out, err) = p.run(&[
-        "--cache-dir",
-        cache.to_str().unwrap(),
-        "plan",
-        "p.toml",
-        "--format",
-        "json",
-    ]);
-    assert_eq!(code, 0, "{err}");
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v["nodes"]
-        .as_array()
-        .unwrap()
+    p.plan_nodes(&["--cache-dir", cache.to_str().unwrap(), "plan", "p.toml"])
         .iter()
         .map(|n| {
             let s = |k: &str| n[k].as_str().unwrap_or("").to_string();
@@ -209,7 +193,7 @@ fn plan_keys(p: &Project, cache: &Path) -> Vec<(String, String, String, String)>
 fn a_lock_written_in_one_folder_verifies_in_a_copy_with_fresh_mtimes() {
     let a = Project::new();
     real_layout_folder(&a);
-    a.write("p.toml", PORTABLE);
+    a.write("p.toml", &portable());
     let (code, _, err) = a.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(ran(&err), ["load", "slice", "split", "train"]);
@@ -316,27 +300,12 @@ fn change_voxel_f32(path: &Path, index: usize, value: f32) {
 }
 
 fn tiny() -> String {
-    common::data_pipeline(
-        "tiny",
-        5,
-        5,
-        [16, 32, 32],
-        32,
-        "keep-empty = 0.3\n",
-        "ratios = [0.6, 0.2, 0.2]\n",
-    ) + r#"
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 4
-epochs = 1
-batch-size = 4
-learning-rate = 3e-3
-epsilon = 1e-7
-betas = [0.9, 0.999]
-"#
+    common::small_data_pipeline("tiny", 5)
+        + &common::train_stage(
+            "train",
+            4,
+            "epochs = 1\nbatch-size = 4\nlearning-rate = 3e-3\nepsilon = 1e-7\nbetas = [0.9, 0.999]\n",
+        )
 }
 
 /// Flips one byte of `file` keeping its size; `restore_mode` puts the read-only mode back.

@@ -3,8 +3,6 @@
 //! non-NIfTI body, a server that always drops, and a host that does not answer.
 //! `kpipe synth --kits19-size` is here too: the data the scale benchmark fetches-like.
 
-mod common;
-
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -13,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::Project;
+use crate::common::{self, Project};
 
 /// How the server answers one path.
 #[derive(Clone)]
@@ -178,8 +176,10 @@ fn handle(
     }
 }
 
-/// `n` phantom cases in a KiTS19 folder under the project, as the server's source.
-fn phantoms(p: &Project, n: usize) -> PathBuf {
+/// `n` phantom cases in a KiTS19 folder `src` under the project, and the routes that
+/// serve its files at the paths of the official layouts (for a test to break some of,
+/// then [`Server::start`]).
+fn phantom_source(p: &Project, n: usize) -> (PathBuf, HashMap<String, Route>) {
     let (code, _, err) = p.run(&[
         "synth",
         "--out",
@@ -192,7 +192,9 @@ fn phantoms(p: &Project, n: usize) -> PathBuf {
         "3",
     ]);
     assert_eq!(code, 0, "{err}");
-    p.path().join("src")
+    let src = p.path().join("src");
+    let routes = official_routes(&src, n);
+    (src, routes)
 }
 
 fn imaging_path(case: usize) -> String {
@@ -231,9 +233,23 @@ fn bytes_of(route: &Route) -> Vec<u8> {
     }
 }
 
-/// `kpipe fetch kits19 --out out` from `server`, with quick retries; (code, stdout, stderr).
+/// `kpipe fetch kits19 --out out` from `server`, 3 at a time; (code, stdout, stderr).
 fn fetch(p: &Project, server: &Server, cases: &str, extra: &[&str]) -> (i32, String, String) {
     let (img, seg) = (server.url("img"), server.url("seg"));
+    let mut args = vec!["-j", "3"];
+    args.extend_from_slice(extra);
+    fetch_from(p, &img, &seg, cases, &args)
+}
+
+/// `kpipe fetch kits19 --out out` from the URLs `img` and `seg`, with quick retries, no
+/// proxy and a two-minute limit; (code, stdout, stderr).
+fn fetch_from(
+    p: &Project,
+    img: &str,
+    seg: &str,
+    cases: &str,
+    extra: &[&str],
+) -> (i32, String, String) {
     let mut args = vec![
         "fetch",
         "kits19",
@@ -242,13 +258,11 @@ fn fetch(p: &Project, server: &Server, cases: &str, extra: &[&str]) -> (i32, Str
         "--cases",
         cases,
         "--imaging-url",
-        &img,
+        img,
         "--segmentation-url",
-        &seg,
+        seg,
         "--retry-wait",
         "0.01",
-        "-j",
-        "3",
     ];
     args.extend_from_slice(extra);
     let out = p
@@ -260,11 +274,7 @@ fn fetch(p: &Project, server: &Server, cases: &str, extra: &[&str]) -> (i32, Str
         .timeout(Duration::from_secs(120))
         .output()
         .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    common::outcome(out)
 }
 
 /// The `case_XXXXX` folders of `dir`, sorted.
@@ -313,8 +323,7 @@ fn kits_ids(path: &Path) -> Vec<String> {
 #[test]
 fn fetch_resumes_a_dropped_download_and_a_rerun_skips_every_case() {
     let p = Project::new();
-    let src = phantoms(&p, 3);
-    let mut routes = official_routes(&src, 3);
+    let (src, mut routes) = phantom_source(&p, 3);
     let dropped = imaging_path(1);
     let body = bytes_of(&routes[&dropped]);
     routes.insert(dropped.clone(), Route::DropOnce(body.clone()));
@@ -376,8 +385,7 @@ fn fetch_resumes_a_dropped_download_and_a_rerun_skips_every_case() {
 #[test]
 fn bad_cases_are_reported_and_left_absent_while_the_others_complete() {
     let p = Project::new();
-    let src = phantoms(&p, 6);
-    let good = official_routes(&src, 6);
+    let (src, good) = phantom_source(&p, 6);
     let mut routes = good.clone();
     // case 1: its segmentation is missing (404)
     routes.remove(&segmentation_path(1));
@@ -489,33 +497,7 @@ fn an_unreachable_host_fails_every_case_and_writes_nothing() {
         .unwrap()
         .port();
     let url = format!("http://127.0.0.1:{port}");
-    let (code, out, err) = {
-        let out = p
-            .kpipe(&[
-                "fetch",
-                "kits19",
-                "--out",
-                "out",
-                "--cases",
-                "4-5",
-                "--imaging-url",
-                &url,
-                "--segmentation-url",
-                &url,
-                "--retries",
-                "1",
-                "--retry-wait",
-                "0.01",
-            ])
-            .timeout(Duration::from_secs(120))
-            .output()
-            .unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
+    let (code, out, err) = fetch_from(&p, &url, &url, "4-5", &["--retries", "1"]);
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         out.contains("2 cases: 0 fetched, 0 skipped (already there and valid), 2 failed"),

@@ -1,7 +1,7 @@
 //! Every error fixture under `tests/fixtures/pipelines/err/` fails with exit code 2 and a
 //! message that matches its snapshot; every fixture under `ok/` plans cleanly.
 
-mod common;
+use crate::common;
 
 use assert_cmd::Command;
 
@@ -23,7 +23,7 @@ fn plan(path: &std::path::Path, extra: &[&str]) -> std::process::Output {
 
 #[test]
 fn error_fixtures_match_their_snapshots() {
-    insta::glob!("fixtures/pipelines/err/*.toml", |path| {
+    insta::glob!("../fixtures/pipelines/err", "*.toml", |path| {
         let extra: &[&str] = if path.ends_with("profile_unknown_stage.toml") {
             &["--profile", "small"]
         } else {
@@ -38,7 +38,7 @@ fn error_fixtures_match_their_snapshots() {
 
 #[test]
 fn ok_fixtures_plan_cleanly() {
-    insta::glob!("fixtures/pipelines/ok/*.toml", |path| {
+    insta::glob!("../fixtures/pipelines/ok", "*.toml", |path| {
         let out = plan(path, &[]);
         assert_eq!(
             out.status.code(),

@@ -1,11 +1,9 @@
 //! The imaging stages end to end: synthetic phantoms, load, slice, split, `kpipe synth`
 //! and `kpipe inspect`, and broken datasets.
 
-mod common;
-
 use std::path::Path;
 
-use common::{Project, ran};
+use crate::common::{self, Project, ran};
 use kpipe::data::nifti::{Datatype, NewVolume, Volume, write_volume};
 
 fn study() -> String {

@@ -1,31 +1,15 @@
 //! Training end to end on a tiny synthetic split: it learns, it is bit-reproducible on
 //! CPU, and an interrupted run resumes to the same weights.
 
-mod common;
-
-use common::{Project, ran};
+use crate::common::{self, Project, ran};
 
 fn tiny() -> String {
-    common::data_pipeline(
-        "tiny",
-        5,
-        5,
-        [16, 32, 32],
-        32,
-        "keep-empty = 0.3\n",
-        "ratios = [0.6, 0.2, 0.2]\n",
-    ) + r#"
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 4
-epochs = 4
-batch-size = 4
-learning-rate = 3e-3
-augment = { flip-horizontal = 0.5 }
-"#
+    common::small_data_pipeline("tiny", 5)
+        + &common::train_stage(
+            "train",
+            4,
+            "epochs = 4\nbatch-size = 4\nlearning-rate = 3e-3\naugment = { flip-horizontal = 0.5 }\n",
+        )
 }
 
 fn lock_output(p: &Project, node: &str) -> String {
@@ -89,13 +73,7 @@ fn a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run() {
     // data stages cached, so the kill lands in training
     assert_eq!(p.run(&["run", "p.toml"]).0, 0);
     std::fs::remove_dir_all(train_out(&p).parent().unwrap()).unwrap();
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kpipe"))
-        .current_dir(p.path())
-        .env("KPIPE_CACHE_DIR", p.cache())
-        .args(["run", "p.toml"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = p.spawn(&["run", "p.toml"]);
     let resume = p.cache().join("resume");
     let t = std::time::Instant::now();
     let checkpoint = loop {
@@ -134,11 +112,7 @@ fn a_killed_training_resumes_to_the_weights_of_an_uninterrupted_run() {
 #[test]
 fn init_from_continues_from_another_stage_and_gpu_without_the_feature_says_so() {
     let p = Project::new();
-    let more = format!(
-        "{}\n[stages.more]\nkind = \"train\"\nslices = \"slice\"\ntrain = \"split.train\"\nvalidate = \"split.test\"\n\
-         base = 4\nepochs = 1\ninit-from = \"train\"\n",
-        tiny()
-    );
+    let more = tiny() + &common::train_stage("more", 4, "epochs = 1\ninit-from = \"train\"\n");
     p.write("p.toml", &more);
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 0, "{err}");

@@ -2,8 +2,6 @@
 //! real KiTS19 samples in ../shared (skipped when absent), and nibabel itself (where
 //! Python has it).
 
-mod common;
-
 use std::path::{Path, PathBuf};
 
 use kpipe::data::nifti::{NiftiError, Volume};

@@ -1,6 +1,5 @@
 //! Shared helpers of the integration tests: a temporary project directory and the real
 //! `kpipe` binary run inside it.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
@@ -47,12 +46,19 @@ impl Project {
 
     /// Runs `kpipe ARGS`, returns (exit code, stdout, stderr).
     pub fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let out = self.kpipe(args).output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        outcome(self.kpipe(args).output().unwrap())
+    }
+
+    /// Starts `kpipe ARGS` in the project directory, with its own cache and stderr
+    /// discarded, and returns at once (for tests that interrupt a run).
+    pub fn spawn(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("kpipe"))
+            .current_dir(self.path())
+            .env("KPIPE_CACHE_DIR", self.cache())
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
     }
 
     /// The `out/` folder of the (first) cache entry holding `file`.
@@ -77,13 +83,7 @@ impl Project {
     pub fn plan(&self, args: &[&str]) -> Vec<(String, String, String)> {
         let mut full = vec!["plan"];
         full.extend_from_slice(args);
-        full.extend_from_slice(&["--format", "json"]);
-        let (code, out, err) = self.run(&full);
-        assert_eq!(code, 0, "plan failed: {err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        v["nodes"]
-            .as_array()
-            .unwrap()
+        self.plan_nodes(&full)
             .iter()
             .map(|n| {
                 (
@@ -94,6 +94,26 @@ impl Project {
             })
             .collect()
     }
+
+    /// The nodes of `kpipe ARGS --format json`, where ARGS hold `plan` and its file (and
+    /// global options before `plan`); the command must succeed.
+    pub fn plan_nodes(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--format", "json"]);
+        let (code, out, err) = self.run(&full);
+        assert_eq!(code, 0, "plan failed: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["nodes"].as_array().unwrap().clone()
+    }
+}
+
+/// A finished command's (exit code, stdout, stderr), -1 for a command a signal ended.
+pub fn outcome(out: std::process::Output) -> (i32, String, String) {
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// The ids a run's stderr reports as run (`ran  <id>`).
@@ -125,5 +145,29 @@ pub fn data_pipeline(
          [stages.load]\nkind = \"load\"\nsource = \"synthetic\"\ncases = {cases}\nshape = [{d}, {h}, {w}]\n\n\
          [stages.slice]\nkind = \"slice\"\ninput = \"load\"\nsize = {size}\n{slice_extra}\n\
          [stages.split]\nkind = \"split\"\ninput = \"load\"\n{split_extra}\n"
+    )
+}
+
+/// The small data pipeline most training tests share ([`data_pipeline`]): 5 phantoms of
+/// 16x32x32, 32-pixel slices keeping 30% of the empty ones, a 60/20/20 split.
+pub fn small_data_pipeline(name: &str, seed: u64) -> String {
+    data_pipeline(
+        name,
+        seed,
+        5,
+        [16, 32, 32],
+        32,
+        "keep-empty = 0.3\n",
+        "ratios = [0.6, 0.2, 0.2]\n",
+    )
+}
+
+/// A `train` stage `id` on the data pipeline's stages (slices from `slice`, training on
+/// `split.train`, validating on `split.test`) with `base`, then the `extra` lines (each
+/// ending in a newline): epochs, batch size, learning rate and the like.
+pub fn train_stage(id: &str, base: usize, extra: &str) -> String {
+    format!(
+        "\n[stages.{id}]\nkind = \"train\"\nslices = \"slice\"\ntrain = \"split.train\"\n\
+         validate = \"split.test\"\nbase = {base}\n{extra}"
     )
 }

@@ -2,7 +2,7 @@
 //! shape and header geometry (affine, spacing, codes), that score well above an empty
 //! prediction.
 
-mod common;
+use crate::common;
 
 use kpipe::data::nifti::Volume;
 
@@ -15,18 +15,11 @@ fn pipe() -> String {
         64,
         "keep-empty = 0.2\n",
         "ratios = [0.6, 0.2, 0.2]\n",
-    ) + r#"
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 8
-epochs = 10
-batch-size = 4
-learning-rate = 2e-3
-batch-norm = true
-"#
+    ) + &common::train_stage(
+        "train",
+        8,
+        "epochs = 10\nbatch-size = 4\nlearning-rate = 2e-3\nbatch-norm = true\n",
+    )
 }
 
 #[test]

@@ -1,9 +1,7 @@
 //! The runner end to end, on `command` stages: caching, re-runs, concurrency, failures,
 //! interruption and tampering.
 
-mod common;
-
-use common::{Project, ran};
+use crate::common::{Project, ran};
 
 const THREE: &str = r#"
 [pipeline]
@@ -254,13 +252,7 @@ fn a_killed_run_leaves_nothing_the_next_run_accepts() {
             marker.display()
         ),
     );
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("kpipe"))
-        .current_dir(p.path())
-        .env("KPIPE_CACHE_DIR", p.cache())
-        .args(["run", "p.toml"])
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = p.spawn(&["run", "p.toml"]);
     let t = std::time::Instant::now();
     while !marker.exists() {
         assert!(t.elapsed().as_secs() < 30, "stage never started");

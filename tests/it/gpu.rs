@@ -3,9 +3,8 @@
 //! tolerance. Runs on a real GPU or on Mesa's software Vulkan driver (lavapipe), which
 //! `.ci/run` installs. Without any wgpu adapter the test says so and passes, unless
 //! `KPIPE_REQUIRE_GPU=1` (as `.ci/run` sets), where a missing adapter fails it.
-#![cfg(feature = "gpu")]
 
-mod common;
+use crate::common;
 
 use burn::module::Module;
 use burn::optim::GradientsParams;
@@ -119,17 +118,11 @@ fn gpu_pipeline() -> String {
         32,
         "",
         "ratios = [0.5, 0.25, 0.25]\n",
+    ) + &common::train_stage(
+        "train",
+        4,
+        "epochs = 1\nbatch-size = 4\nbackend = \"gpu\"\n",
     ) + r#"
-[stages.train]
-kind = "train"
-slices = "slice"
-train = "split.train"
-validate = "split.test"
-base = 4
-epochs = 1
-batch-size = 4
-backend = "gpu"
-
 [stages.evaluate]
 kind = "evaluate"
 model = "train"
