@@ -4,6 +4,9 @@
 //! cargo run --example plan_pipeline -- tests/fixtures/pipelines/ok/three_stages.toml
 //! ```
 
+// An example prints its result.
+#![allow(clippy::print_stdout)]
+
 use std::path::PathBuf;
 
 use kpipe::cache::Cache;

@@ -8,3 +8,4 @@ pub mod nifti;
 pub mod phantom;
 pub mod resample;
 pub mod slices;
+pub mod slicing;

@@ -309,8 +309,8 @@ pub fn prepare_case(
     filter: super::resample::Filter,
     non_square: NonSquare,
 ) -> Result<PreparedCase, super::nifti::NiftiError> {
-    use super::nifti::transpose_fortran_to_c;
     use super::resample::{Filter, pad_square, resize, resize_nearest};
+    use super::slicing::transpose_fortran_to_c;
     let shape = img.shape3()?;
     let [d, h, w] = shape;
     let labels = match seg {
@@ -340,7 +340,7 @@ pub fn prepare_case(
         let images = img.pooled_slices_f32(f, factor)?;
         // nearest-exact at an integer factor picks row/column factor * o + factor / 2
         let pick = |o: usize| factor * o + factor / 2;
-        let out = super::nifti::gather_columns([d, size, size], |r, c, column: &mut [u8]| {
+        let out = super::slicing::gather_columns([d, size, size], |r, c, column: &mut [u8]| {
             let src = d * pick(r) + d * h * pick(c);
             for (o, &l) in column.iter_mut().zip(&labels[src..src + d]) {
                 *o = clean(l);
