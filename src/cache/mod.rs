@@ -25,8 +25,10 @@
 //! the file.
 
 pub mod digest;
+mod integrity;
 pub mod lock;
 pub mod stat_cache;
+mod writer;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -35,7 +37,10 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::files::{canonical_json, write_synced};
+use crate::files::canonical_json;
+use integrity::{Quick, difference, quick_check, short};
+pub use writer::EntryWriter;
+use writer::make_writable;
 
 pub use digest::{Listed, TreeDigest, file_digest, tree_digest};
 pub use lock::{LockFile, LockRecord};
@@ -394,199 +399,9 @@ impl Cache {
     }
 }
 
-fn short(hex: &str) -> &str {
-    &hex[..hex.len().min(12)]
-}
-
-/// What [`quick_check`] found.
-enum Quick {
-    Sound,
-    /// Not wrong yet, but only reading the files can tell.
-    Suspect(String),
-    Broken(String),
-}
-
-/// An entry's `out/` against its manifest's listing, by names, types, sizes and modes.
-fn quick_check(entry: &Entry) -> Quick {
-    let listing = &entry.manifest.listing;
-    if listing.is_empty() && entry.manifest.files > 0 {
-        return Quick::Suspect("its manifest lists no files".into());
-    }
-    let found = match digest::walk(&entry.out()) {
-        Ok(found) => found,
-        Err(e) => return Quick::Broken(format!("cannot list `out/`: {e}")),
-    };
-    let mut want = listing.iter();
-    let mut suspect = None;
-    for (rel, e) in &found {
-        let Some(w) = want.next() else {
-            return Quick::Broken(format!("`{rel}` was added after it was written"));
-        };
-        if w.path() != rel {
-            return Quick::Broken(if w.path() < rel.as_str() {
-                format!("`{}` is missing", w.path())
-            } else {
-                format!("`{rel}` was added after it was written")
-            });
-        }
-        let ft = e.file_type();
-        match w {
-            Listed::Dir { .. } if ft.is_dir() => {}
-            Listed::Link { target, .. } if ft.is_symlink() => {
-                let now = std::fs::read_link(e.path()).map(|t| t.display().to_string());
-                if now.as_deref().ok() != Some(target.as_str()) {
-                    return Quick::Broken(format!("link `{rel}` points elsewhere"));
-                }
-            }
-            Listed::File { size, .. } if ft.is_file() => match e.metadata() {
-                Ok(m) if m.len() != *size => {
-                    return Quick::Broken(format!(
-                        "`{rel}` is {} bytes, but {size} were written",
-                        m.len()
-                    ));
-                }
-                Ok(m) if !m.permissions().readonly() => {
-                    suspect.get_or_insert_with(|| format!("`{rel}` is writable"));
-                }
-                Ok(_) => {}
-                Err(err) => return Quick::Broken(format!("cannot stat `{rel}`: {err}")),
-            },
-            _ => return Quick::Broken(format!("`{rel}` changed its type")),
-        }
-    }
-    if let Some(w) = want.next() {
-        return Quick::Broken(format!("`{}` is missing", w.path()));
-    }
-    suspect.map_or(Quick::Sound, Quick::Suspect)
-}
-
-/// The first entry where two listings differ, described; `None` if they agree.
-fn difference(written: &[Listed], now: &[Listed]) -> Option<String> {
-    let was: BTreeMap<&str, &Listed> = written.iter().map(|l| (l.path(), l)).collect();
-    let is: BTreeMap<&str, &Listed> = now.iter().map(|l| (l.path(), l)).collect();
-    let mut paths: Vec<&str> = was.keys().chain(is.keys()).copied().collect();
-    paths.sort_unstable();
-    paths.dedup();
-    paths.into_iter().find_map(|p| match (was.get(p), is.get(p)) {
-        (Some(a), Some(b)) if a == b => None,
-        (
-            Some(Listed::File { blake3: a, .. }),
-            Some(Listed::File { blake3: b, .. }),
-        ) => Some(format!(
-            "`{p}` has changed since it was written: its content digest is {} but {} was written",
-            short(b),
-            short(a)
-        )),
-        (Some(_), Some(_)) => Some(format!("`{p}` has changed since it was written")),
-        (Some(_), None) => Some(format!("`{p}` is missing")),
-        (None, _) => Some(format!("`{p}` was added after it was written")),
-    })
-}
-
-/// An entry being written. Dropped without [`EntryWriter::commit`], it removes itself.
-pub struct EntryWriter {
-    cache: Cache,
-    key: String,
-    tmp: PathBuf,
-    done: bool,
-}
-
-impl EntryWriter {
-    /// The directory that becomes the artifact.
-    pub fn out(&self) -> PathBuf {
-        self.tmp.join("out")
-    }
-
-    /// A scratch directory removed with the writer.
-    pub fn scratch(&self) -> PathBuf {
-        self.tmp.join("scratch")
-    }
-
-    /// Hashes and syncs `out/`, writes the manifest, and moves the entry into place.
-    /// `manifest.output`, `files` and `bytes` are filled in here.
-    pub fn commit(mut self, mut manifest: Manifest) -> Result<Entry, CacheError> {
-        let out = self.out();
-        let scratch = self.scratch();
-        make_writable(&scratch);
-        std::fs::remove_dir_all(&scratch).map_err(io("remove", &scratch))?;
-        let digest = tree_digest(&out).map_err(io("hash", &out))?;
-        sync_tree(&out).map_err(io("sync", &out))?;
-        manifest.output = digest.hex;
-        manifest.files = digest.files;
-        manifest.bytes = digest.bytes;
-        manifest.listing = digest.listing;
-        manifest.key = self.key.clone();
-        let mpath = self.tmp.join("manifest.json");
-        let text = serde_json::to_string_pretty(&manifest)
-            .map_err(|e| io("serialise", &mpath)(std::io::Error::other(e)))?;
-        write_synced(&mpath, text.as_bytes()).map_err(io("write", &mpath))?;
-        set_readonly(&out);
-        let dest = self.cache.entry_dir(&self.key);
-        match std::fs::rename(&self.tmp, &dest) {
-            Ok(()) => {}
-            // Another run committed the same key first: same key, same content.
-            Err(_) if dest.join("manifest.json").is_file() => {}
-            Err(e) => return Err(io("move into place", &dest)(e)),
-        }
-        if let Ok(d) = std::fs::File::open(dest.parent().unwrap_or(&dest)) {
-            let _ = d.sync_all();
-        }
-        self.done = true;
-        Ok(Entry {
-            dir: dest,
-            manifest,
-        })
-    }
-}
-
-impl Drop for EntryWriter {
-    fn drop(&mut self) {
-        if self.tmp.exists() {
-            make_writable(&self.tmp);
-            let _ = std::fs::remove_dir_all(&self.tmp);
-        }
-        let _ = self.done;
-    }
-}
-
-fn sync_tree(root: &Path) -> std::io::Result<()> {
-    for e in walkdir::WalkDir::new(root) {
-        let e = e.map_err(std::io::Error::other)?;
-        if e.file_type().is_file() {
-            std::fs::File::open(e.path())?.sync_all()?;
-        }
-    }
-    Ok(())
-}
-
-fn set_mode(root: &Path, readonly: bool) {
-    for e in walkdir::WalkDir::new(root).into_iter().flatten() {
-        if e.file_type().is_symlink() {
-            continue;
-        }
-        if let Ok(meta) = e.metadata() {
-            let mut perm = meta.permissions();
-            if e.file_type().is_dir() && readonly {
-                continue; // directories stay writable so gc can remove entries
-            }
-            #[allow(clippy::permissions_set_readonly_false)]
-            perm.set_readonly(readonly);
-            let _ = std::fs::set_permissions(e.path(), perm);
-        }
-    }
-}
-
-/// Cached files are read-only, so a stage cannot edit an input in place by mistake.
-fn set_readonly(root: &Path) {
-    set_mode(root, true);
-}
-
-fn make_writable(root: &Path) {
-    set_mode(root, false);
-}
-
 #[cfg(test)]
 mod tests {
+    use super::writer::set_readonly;
     use super::*;
 
     fn manifest() -> Manifest {

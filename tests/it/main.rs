@@ -14,6 +14,8 @@ mod fetch;
 mod gpu;
 mod models;
 mod nifti;
+mod nifti_real;
+mod nii;
 mod portable_lock;
 mod predict;
 mod run;
