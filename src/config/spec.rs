@@ -9,7 +9,7 @@ use toml::Value;
 use super::diagnostics::{ConfigError, Located, Problems, Sources};
 use super::document::{Document, Override, stage_hint};
 use crate::schema::{ParamIssue, closest, join, parse_params};
-use crate::stages::{self, CheckContext, DynStage};
+use crate::stages::{self, CheckContext, DynStage, StageRef};
 
 /// A pipeline whose every stage is checked: ready to be compiled into a [`crate::graph::Plan`].
 pub struct PipelineSpec {
@@ -162,6 +162,7 @@ fn check(
         _ => vec![],
     };
     check_references(doc, &stages, &all_ids, problems);
+    check_inputs(doc, &stages, problems);
     let header = header?;
     for s in &mut stages {
         // Arms of a sweep share their base stage's seed (paired arms): they differ only
@@ -281,6 +282,25 @@ pub(crate) fn report(
         };
         let notes = issue.hint.into_iter().collect();
         problems.error(format!("`{path}`: {}", issue.message), at, label, notes);
+    }
+}
+
+/// The rules between a stage and those it reads ([`crate::stages::Stage::check_inputs`]);
+/// a sweep arm's problem points into its base stage's `sweep` table.
+fn check_inputs(doc: &Document, stages: &[StageSpec], problems: &mut Problems) {
+    let input = |r: &StageRef| {
+        stages
+            .iter()
+            .find(|t| t.id == r.stage())
+            .map(|t| t.stage.as_ref())
+    };
+    for s in stages {
+        let issues = s.stage.check_inputs(&input);
+        let path = match s.id.split_once('[') {
+            Some((base, _)) => format!("stages.{base}.sweep"),
+            None => format!("stages.{}", s.id),
+        };
+        report(doc, &path, issues, problems);
     }
 }
 

@@ -35,7 +35,7 @@
 use ndarray::{Array3, s};
 use serde::{Deserialize, Serialize};
 
-use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
+use super::{CheckContext, Inputs, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::backend::{self, BackendKind};
 use crate::data::kits::{self, CaseTable};
 use crate::data::loader::{batch, slices_of};
@@ -153,6 +153,10 @@ impl Stage for Evaluate {
             issues.push(ParamIssue::new("batch-size", "must be at least 1"));
         }
         issues
+    }
+
+    fn check_inputs(&self, input: &Inputs<'_>) -> Vec<ParamIssue> {
+        super::split::check_fold(self.fold, &self.part, input)
     }
 
     fn inputs(&self) -> Vec<(String, &StageRef)> {

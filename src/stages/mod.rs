@@ -202,6 +202,9 @@ impl RunContext<'_> {
     }
 }
 
+/// The stage a reference names, while a pipeline is checked.
+pub type Inputs<'a> = dyn Fn(&StageRef) -> Option<&'a dyn DynStage> + 'a;
+
 /// A stage kind's parameters and behaviour.
 pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
     /// The `kind = "..."` value.
@@ -218,6 +221,12 @@ pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
 
     /// The stages this one reads, each with the parameter path that names it.
     fn inputs(&self) -> Vec<(String, &StageRef)>;
+
+    /// Rules that involve the stages this one reads, looked up with `input` (the train
+    /// stage's `fold` against its split's `folds`); checked once every stage is built.
+    fn check_inputs(&self, _input: &Inputs<'_>) -> Vec<ParamIssue> {
+        vec![]
+    }
 
     /// Extra content that enters the cache key, such as digests of declared files.
     fn key_material(&self, _ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
@@ -261,6 +270,7 @@ pub trait DynStage: Send + Sync {
     /// The parameters as the cache key and the lock file see them ([`Stage::key_params`]).
     fn key_params(&self) -> serde_json::Value;
     fn inputs(&self) -> Vec<(String, &StageRef)>;
+    fn check_inputs(&self, input: &Inputs<'_>) -> Vec<ParamIssue>;
     fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError>;
     fn seed(&self) -> Option<u64>;
     fn data_root(&self, ctx: &CheckContext) -> Option<PathBuf>;
@@ -285,6 +295,9 @@ impl<S: Stage> DynStage for S {
     }
     fn inputs(&self) -> Vec<(String, &StageRef)> {
         Stage::inputs(self)
+    }
+    fn check_inputs(&self, input: &Inputs<'_>) -> Vec<ParamIssue> {
+        Stage::check_inputs(self, input)
     }
     fn key_material(&self, ctx: &CheckContext) -> Result<serde_json::Value, StageError> {
         Stage::key_material(self, ctx)

@@ -24,7 +24,7 @@ use rand::SeedableRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
-use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
+use super::{CheckContext, Inputs, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::data::kits::CaseTable;
 use crate::data::slices::SliceMeta;
 
@@ -364,6 +364,47 @@ fn part_sizes(n: usize, ratios: [f64; 3]) -> Result<[usize; 3], StageError> {
         sizes[empty] += 1;
     }
     Ok(sizes)
+}
+
+/// `fold = i` of a stage that reads `split` (at plan time): the split must have
+/// `folds = k` with i < k.
+pub fn check_fold(fold: Option<usize>, split: &StageRef, input: &Inputs<'_>) -> Vec<ParamIssue> {
+    let (Some(i), Some(stage)) = (fold, input(split)) else {
+        return vec![];
+    };
+    if stage.kind() != Split::KIND {
+        return vec![]; // not a split: reading its parts fails on its own terms
+    }
+    match stage
+        .params()
+        .get("folds")
+        .and_then(serde_json::Value::as_u64)
+    {
+        None => vec![
+            ParamIssue::new(
+                "fold",
+                format!("`fold = {i}`, but `{}` has no folds", split.stage()),
+            )
+            .hint(format!(
+                "hint: give the split stage `folds = k` (k > {i}) for cross-validation"
+            )),
+        ],
+        Some(k) if i as u64 >= k => vec![
+            ParamIssue::new(
+                "fold",
+                format!(
+                    "`fold = {i}`, but `{}` has {k} folds (0 to {})",
+                    split.stage(),
+                    k.saturating_sub(1)
+                ),
+            )
+            .hint(format!(
+                "hint: folds are numbered 0 to {}",
+                k.saturating_sub(1)
+            )),
+        ],
+        Some(_) => vec![],
+    }
 }
 
 #[cfg(test)]

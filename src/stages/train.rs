@@ -44,7 +44,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::split::SplitFile;
-use super::{CheckContext, ParamIssue, RunContext, Stage, StageError, StageRef};
+use super::{CheckContext, Inputs, ParamIssue, RunContext, Stage, StageError, StageRef};
 use crate::backend::{self, BackendKind};
 use crate::data::augment::Augment;
 use crate::data::loader::{Shuffle, slices_of};
@@ -234,6 +234,10 @@ impl Stage for Train {
         let digest = crate::cache::digest::tree_digest(&path)
             .map_err(StageError::io("hash pretrained weights", &path))?;
         Ok(serde_json::json!({ "pretrained": digest.hex }))
+    }
+
+    fn check_inputs(&self, input: &Inputs<'_>) -> Vec<ParamIssue> {
+        super::split::check_fold(self.fold, &self.train, input)
     }
 
     fn inputs(&self) -> Vec<(String, &StageRef)> {
