@@ -7,6 +7,7 @@
 //! entries/<key>/out/            the artifact (read-only files)
 //! tmp/<key>.<pid>.<n>/          entries being written; renamed into entries/ when complete
 //! locks/<hash>                  the path of each lock file that recorded keys here (for gc)
+//! claims/<key>                  locked (flock) by whoever computes the key: one at a time
 //! resume/<key>/                 checkpoints of an unfinished training run, until it succeeds
 //! stat-cache.json               digests of data files outside the cache ([`StatCache`])
 //! ```
@@ -14,6 +15,14 @@
 //! An entry is written into `tmp/`, its files synced, its manifest written last, and the
 //! directory renamed into `entries/` in one step: a killed run leaves only a `tmp/`
 //! directory, which no run accepts and the next run removes.
+//!
+//! Many processes, on many machines of a shared filesystem, may use one cache. Whoever
+//! computes a key first takes its claim ([`Cache::claim`], an exclusive `flock` on
+//! `claims/<key>`), held until the entry is in place or abandoned: a second process that
+//! wants the same key waits, then finds the entry and computes nothing. A `tmp/`
+//! directory is stale, and removed, only when its key's claim is free. Should two writers
+//! still race (a filesystem without working locks), the first complete entry wins and
+//! the other's rename finds it in place, which is not an error.
 //!
 //! Two checks guard what is read, by cost. [`Cache::lookup`], which decides that a node
 //! is cached, reads the manifest and compares the files' names, types and sizes with its
@@ -160,12 +169,19 @@ pub struct Cache {
     verified: Arc<Mutex<HashSet<String>>>,
 }
 
+/// The claim on computing one key ([`Cache::claim`]); dropping it releases the key.
+#[derive(Debug)]
+pub struct Claim {
+    key: String,
+    _file: std::fs::File,
+}
+
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Cache {
     /// Opens (creating) the cache at `root` and removes what killed runs left in `tmp/`.
     pub fn open(root: &Path) -> Result<Cache, CacheError> {
-        for sub in ["entries", "tmp", "locks"] {
+        for sub in ["entries", "tmp", "locks", "claims"] {
             let d = root.join(sub);
             std::fs::create_dir_all(&d).map_err(io("create cache directory", &d))?;
         }
@@ -307,19 +323,22 @@ impl Cache {
         })
     }
 
-    /// Starts writing the entry for `key` in a private temporary directory.
-    pub fn begin(&self, key: &str) -> Result<EntryWriter, CacheError> {
+    /// Starts writing the entry of the claimed key in a private temporary directory (only
+    /// the holder of a key's claim writes it).
+    pub fn begin(&self, claim: &Claim) -> Result<EntryWriter, CacheError> {
+        let key = &claim.key;
         let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .root
             .join("tmp")
             .join(format!("{key}.{}.{n}", std::process::id()));
+        // `remove_stale_tmp` reads the key back from the name: `<key>.<pid>.<n>`
         for d in [tmp.join("out"), tmp.join("scratch")] {
             std::fs::create_dir_all(&d).map_err(io("create", &d))?;
         }
         Ok(EntryWriter {
             cache: self.clone(),
-            key: key.to_string(),
+            key: key.clone(),
             tmp,
             done: false,
         })
@@ -380,17 +399,47 @@ impl Cache {
     }
 
     /// Removes temporary directories whose writing process is gone.
+    /// Takes the claim on computing `key`, waiting while another process (or thread)
+    /// holds it; `waiting` is called once if it has to wait. Released when dropped.
+    pub fn claim(&self, key: &str, waiting: impl FnOnce()) -> Result<Claim, CacheError> {
+        let path = self.root.join("claims").join(key);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io("open the claim", &path))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                waiting();
+                file.lock().map_err(io("wait for the claim", &path))?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("take the claim", &path)(e)),
+        }
+        Ok(Claim {
+            key: key.to_string(),
+            _file: file,
+        })
+    }
+
+    /// Whether nobody holds the claim on `key` right now.
+    fn unclaimed(&self, key: &str) -> bool {
+        let path = self.root.join("claims").join(key);
+        match std::fs::File::open(&path) {
+            Ok(f) => f.try_lock().is_ok(), // released again when `f` closes
+            Err(_) => true,                // never claimed
+        }
+    }
+
     fn remove_stale_tmp(&self) {
         let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) else {
             return;
         };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let pid = name.split('.').nth(1).and_then(|p| p.parse::<u32>().ok());
-            let alive = pid.is_some_and(|pid| {
-                pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists()
-            });
-            if !alive {
+            let key = name.split('.').next().unwrap_or_default();
+            if self.unclaimed(key) {
                 tracing::debug!("removing stale temporary entry `{name}`");
                 make_writable(&e.path());
                 let _ = std::fs::remove_dir_all(e.path());
@@ -447,7 +496,8 @@ mod tests {
     fn committed_entries_verify_and_tampering_is_caught() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
-        let w = cache.begin("k1").unwrap();
+        let claim = cache.claim("k1", || {}).unwrap();
+        let w = cache.begin(&claim).unwrap();
         std::fs::write(w.out().join("a.txt"), "hello").unwrap();
         let entry = w.commit(manifest()).unwrap();
         assert_eq!(entry.manifest.files, 1);
@@ -465,7 +515,8 @@ mod tests {
     fn lookup_checks_sizes_and_modes_and_verify_reads_the_content() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
-        let w = cache.begin("k1").unwrap();
+        let claim = cache.claim("k1", || {}).unwrap();
+        let w = cache.begin(&claim).unwrap();
         std::fs::create_dir_all(w.out().join("sub")).unwrap();
         std::fs::write(w.out().join("sub/a.bin"), "hello").unwrap();
         std::fs::write(w.out().join("b.bin"), "world").unwrap();
@@ -520,7 +571,8 @@ mod tests {
     fn a_verified_entry_is_not_read_again_in_the_same_process() {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
-        let w = cache.begin("k1").unwrap();
+        let claim = cache.claim("k1", || {}).unwrap();
+        let w = cache.begin(&claim).unwrap();
         std::fs::write(w.out().join("a.txt"), "hello").unwrap();
         let entry = w.commit(manifest()).unwrap();
         cache.verify(&entry).unwrap();
@@ -536,7 +588,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache = Cache::open(dir.path()).unwrap();
         {
-            let w = cache.begin("k1").unwrap();
+            let claim = cache.claim("k1", || {}).unwrap();
+            let w = cache.begin(&claim).unwrap();
             std::fs::write(w.out().join("a.txt"), "partial").unwrap();
         }
         assert!(cache.peek("k1").is_none());

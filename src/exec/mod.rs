@@ -232,7 +232,7 @@ pub fn run(
     let mut digests: Vec<Option<String>> = vec![None; n];
     let mut outcomes: Vec<Option<Outcome>> = vec![None; n];
     reporter.event(Event::Planned { nodes: n });
-    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<(Entry, f64), NodeError>)>();
+    let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<Done, NodeError>)>();
     std::thread::scope(|scope| {
         let (mut running, mut device_busy, mut stop) = (0usize, 0usize, false);
         loop {
@@ -341,14 +341,27 @@ pub fn run(
                 device_busy -= 1;
             }
             match result {
-                Ok((entry, seconds)) => {
-                    reporter.event(Event::Finished { id, seconds });
+                Ok(done) => {
+                    let entry = match done {
+                        Done::Ran(entry, seconds) => {
+                            reporter.event(Event::Finished { id, seconds });
+                            outcomes[i] = Some(Outcome::Ran {
+                                key: key.key.clone(),
+                                output: entry.manifest.output.clone(),
+                                seconds,
+                            });
+                            entry
+                        }
+                        Done::Found(entry) => {
+                            reporter.event(Event::Cached { id });
+                            outcomes[i] = Some(Outcome::Cached {
+                                key: key.key.clone(),
+                                output: entry.manifest.output.clone(),
+                            });
+                            entry
+                        }
+                    };
                     digests[i] = Some(entry.manifest.output.clone());
-                    outcomes[i] = Some(Outcome::Ran {
-                        key: key.key.clone(),
-                        output: entry.manifest.output.clone(),
-                        seconds,
-                    });
                     state[i] = State::Done {
                         key,
                         entry: Box::new(entry),
@@ -389,6 +402,14 @@ pub fn run(
     Ok(summary)
 }
 
+/// How a node that did not fail ended.
+enum Done {
+    /// It ran, taking this many seconds.
+    Ran(Entry, f64),
+    /// Another process computed its key while this one waited for the key's claim.
+    Found(Entry),
+}
+
 fn run_node(
     plan: &Plan,
     cache: &Cache,
@@ -396,10 +417,24 @@ fn run_node(
     key: &NodeKey,
     input_entries: &[(String, Entry)],
     reporter: &dyn Reporter,
-) -> Result<(Entry, f64), NodeError> {
+) -> Result<Done, NodeError> {
     let st = &plan.spec.stages[i];
     let span = tracing::info_span!("stage", id = %st.id, kind = st.stage.kind());
     let _guard = span.enter();
+    // one process computes a key at a time; whoever waited finds the entry
+    let claim = cache.claim(&key.key, || {
+        reporter.event(Event::Progress {
+            id: &st.id,
+            progress: &Progress {
+                done: 0,
+                total: 0,
+                message: "waiting: another run is computing this key".into(),
+            },
+        });
+    })?;
+    if let Some(entry) = cache.lookup(&key.key)? {
+        return Ok(Done::Found(entry));
+    }
     let start = Instant::now();
     // what the stage is about to read must be what was written
     for (id, entry) in input_entries {
@@ -426,7 +461,7 @@ fn run_node(
             dep.stage.data_root(&check).map(|r| (dep.id.clone(), r))
         })
         .collect();
-    let writer = cache.begin(&key.key)?;
+    let writer = cache.begin(&claim)?;
     let (out, scratch) = (writer.out(), writer.scratch());
     let resume = cache.resume_dir(&key.key);
     let progress = |p: Progress| {
@@ -469,7 +504,7 @@ fn run_node(
     let entry = writer.commit(manifest)?;
     let _ = std::fs::remove_dir_all(&resume);
     tracing::info!(seconds, "finished");
-    Ok((entry, seconds))
+    Ok(Done::Ran(entry, seconds))
 }
 
 /// Writes the lock file: the new record of every completed node; nodes that did not

@@ -61,6 +61,19 @@ impl Project {
             .unwrap()
     }
 
+    /// `kpipe ARGS` in the background, its stdout and stderr kept for `wait_with_output`.
+    pub fn spawn_piped(&self, args: &[&str]) -> std::process::Child {
+        std::process::Command::new(assert_cmd::cargo::cargo_bin("kpipe"))
+            .current_dir(self.path())
+            .env("KPIPE_CACHE_DIR", self.cache())
+            .env("NO_COLOR", "1")
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
     /// The `out/` folder of the (first) cache entry holding `file`.
     pub fn output_with(&self, file: &str) -> PathBuf {
         self.entries()

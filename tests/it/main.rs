@@ -20,5 +20,6 @@ mod portable_lock;
 mod predict;
 mod run;
 mod score;
+mod shared_cache;
 mod study;
 mod train;
