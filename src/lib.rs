@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod models;
 pub mod predict;
 pub mod schema;
+pub mod slurm;
 pub mod stages;
 pub mod train;
 pub mod verify;
@@ -29,7 +30,7 @@ pub mod verify;
 #[cfg(test)]
 const LAYERS: &[&str] = &[
     "files", "hint", "schema", "backend", "figures", "cache", "data", "metrics", "models", "train",
-    "predict", "stages", "config", "graph", "exec", "verify", "fetch", "bench", "cli",
+    "predict", "stages", "config", "graph", "exec", "slurm", "verify", "fetch", "bench", "cli",
 ];
 
 #[cfg(test)]

@@ -86,6 +86,9 @@ pub(super) enum Command {
     Report(PipelineArgs),
     /// The metrics of every evaluate and sweep node of the pipeline's latest results
     Metrics(MetricsArgs),
+    /// Run one node as an executor's job does (`--executor slurm`)
+    #[command(subcommand, hide = true)]
+    Node(NodeCommand),
 }
 
 #[derive(Args, Debug)]
@@ -98,6 +101,46 @@ pub(super) struct RunArgs {
     /// Stop starting nodes after the first failure
     #[arg(long)]
     pub(super) fail_fast: bool,
+    /// Where nodes run: here, or as Slurm jobs (the cache must be on a filesystem every
+    /// node sees)
+    #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
+    pub(super) executor: ExecutorArg,
+    /// Another `sbatch` argument for every job (repeatable), e.g. `--slurm-arg=--qos=high`
+    #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
+    pub(super) slurm_arg: Vec<String>,
+    /// Seconds between the Slurm driver's looks at its jobs
+    #[arg(
+        long,
+        value_name = "SECONDS",
+        default_value_t = 5.0,
+        env = "KPIPE_SLURM_POLL"
+    )]
+    pub(super) slurm_poll: f64,
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum ExecutorArg {
+    Local,
+    Slurm,
+}
+
+/// `kpipe node`: what a job of an executor runs.
+#[derive(Subcommand, Debug)]
+pub(super) enum NodeCommand {
+    /// Run one node whose inputs are in the cache, and commit its entry there
+    Run(NodeRunArgs),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct NodeRunArgs {
+    #[command(flatten)]
+    pub(super) pipeline: PipelineArgs,
+    /// The node's id
+    #[arg(long)]
+    pub(super) node: String,
+    /// The key the driver computed for it
+    #[arg(long)]
+    pub(super) key: String,
 }
 
 #[derive(Args, Debug)]

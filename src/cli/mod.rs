@@ -12,6 +12,7 @@ mod fetch;
 mod inspect;
 mod metrics;
 mod models;
+mod node;
 mod predict;
 mod progress;
 mod run;
@@ -61,6 +62,12 @@ pub enum CliError {
     /// A model that cannot be loaded or run, or a volume that does not fit it.
     #[error(transparent)]
     Predict(#[from] PredictError),
+    /// A node run alone (`kpipe node run`) that failed.
+    #[error(transparent)]
+    Node(crate::exec::NodeError),
+    /// The Slurm executor cannot start: no `sbatch`, or the controller is down.
+    #[error(transparent)]
+    Slurm(#[from] crate::slurm::SlurmError),
     /// A pair of volumes that cannot be compared.
     #[error("{name}: {error}")]
     Score { name: String, error: ScoreError },
@@ -81,6 +88,8 @@ impl Hint for CliError {
         match self {
             CliError::Usage(m) => m.hint(),
             CliError::Cache(e) => e.hint(),
+            CliError::Node(e) => e.hint(),
+            CliError::Slurm(e) => e.hint(),
             CliError::Stage(e) => e.hint(),
             CliError::Nifti(e) | CliError::Predict(PredictError::Nifti(e)) => e.hint(),
             _ => None,
@@ -102,7 +111,8 @@ impl CliError {
             }
         };
         match self {
-            CliError::Config(_) | CliError::Usage(_) => exit::CONFIG,
+            CliError::Config(_) | CliError::Usage(_) | CliError::Slurm(_) => exit::CONFIG,
+            CliError::Node(e) if e.is_corrupt() => exit::CORRUPT,
             CliError::Cache(e) if e.is_corrupt() => exit::CORRUPT,
             CliError::Nifti(e) | CliError::Predict(PredictError::Nifti(e)) => nifti(e),
             CliError::Predict(PredictError::Input(_)) => exit::CONFIG,
@@ -110,6 +120,7 @@ impl CliError {
             | CliError::Stage(_)
             | CliError::Output(_)
             | CliError::Predict(_)
+            | CliError::Node(_)
             | CliError::Score { .. } => exit::STAGE_FAILED,
         }
     }
@@ -193,5 +204,6 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
         Command::Models(args) => models::run(args, out),
         Command::Report(args) => metrics::report(args, global, out),
         Command::Metrics(args) => metrics::metrics(args, global, out),
+        Command::Node(cmd) => node::run(cmd, global),
     }
 }

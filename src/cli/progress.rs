@@ -97,6 +97,10 @@ impl Reporter for TermReporter {
                 self.line(text);
             }
             Event::Skipped { id, reason } => self.line(format!(" skipped  {id}: {reason}")),
+            Event::Placed { id, place } => match self.bar(id) {
+                Some(bar) => bar.set_message(place.to_string()),
+                None => self.line(format!("      on  {id}: {place}")),
+            },
         }
     }
 }

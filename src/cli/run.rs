@@ -3,11 +3,12 @@
 
 use std::io::Write;
 
-use super::args::{GlobalArgs, GraphArgs, GraphFormat, PlanArgs, RunArgs, TextOrJson};
+use super::args::{ExecutorArg, GlobalArgs, GraphArgs, GraphFormat, PlanArgs, RunArgs, TextOrJson};
 use super::util::{load, print_json, progress_bars};
 use super::{CliError, exit, progress};
 use crate::cache::Cache;
 use crate::exec::{self, Outcome, PreviewStatus, RunOptions};
+use crate::slurm::{Slurm, SlurmOptions};
 
 /// Runs every node that is not cached; the exit code says whether one failed. The
 /// summary goes to stderr, with the progress.
@@ -23,7 +24,25 @@ pub(super) fn run(args: &RunArgs, global: &GlobalArgs) -> Result<i32, CliError> 
     }
     let reporter = progress::TermReporter::new(progress_bars(global));
     let started = std::time::Instant::now();
-    let summary = exec::run(&plan, &cache, &opts, &reporter)?;
+    let summary = match args.executor {
+        ExecutorArg::Local => exec::run(&plan, &cache, &opts, &reporter)?,
+        ExecutorArg::Slurm => {
+            let slurm = Slurm::connect(SlurmOptions {
+                exe: std::env::current_exe()?,
+                cache_dir: cache.root().to_path_buf(),
+                pipeline: std::path::absolute(&args.pipeline.file)?,
+                profile: args.pipeline.profile.clone(),
+                overrides: args.pipeline.set.clone(),
+                extra: args.slurm_arg.clone(),
+                poll: std::time::Duration::from_secs_f64(args.slurm_poll.max(0.05)),
+            })?;
+            // the scheduler decides what runs at once and where: every ready node is
+            // submitted
+            opts.jobs = args.jobs.unwrap_or(10_000);
+            opts.device_slots = opts.jobs;
+            exec::run_with(&plan, &cache, &opts, &reporter, &slurm)?
+        }
+    };
     reporter.finish();
     let ran = summary.count(|o| matches!(o, Outcome::Ran { .. }));
     let cached = summary.count(|o| matches!(o, Outcome::Cached { .. }));

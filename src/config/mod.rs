@@ -17,11 +17,13 @@
 mod cycles;
 mod diagnostics;
 pub mod document;
+mod resources;
 pub mod spec;
 mod sweep;
 
 pub use diagnostics::{ConfigError, Located, Sources};
 pub use document::{Document, Override};
+pub use resources::Resources;
 pub use spec::{PipelineSpec, StageSpec, load};
 
 /// The pipeline format version this kpipe reads (`[pipeline] version`).

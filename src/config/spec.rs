@@ -8,6 +8,7 @@ use toml::Value;
 
 use super::diagnostics::{ConfigError, Located, Problems, Sources};
 use super::document::{Document, Override, stage_hint};
+use super::resources::Resources;
 use crate::schema::{ParamIssue, closest, join, parse_params};
 use crate::stages::{self, CheckContext, DynStage, StageRef};
 
@@ -30,6 +31,8 @@ pub struct StageSpec {
     /// id, without a sweep arm's `[...]`, never from the clock.
     pub seed: u64,
     pub stage: Box<dyn DynStage>,
+    /// What a Slurm job of the stage asks for (not in the key).
+    pub resources: Resources,
 }
 
 #[derive(Deserialize)]
@@ -138,8 +141,14 @@ fn check(
     match doc.root.get("stages") {
         Some(Value::Table(table)) => {
             for (id, value) in table {
+                let resources = resources_of(doc, id, value, problems);
                 for (id, stage) in check_stage(doc, id, value, &ctx, problems) {
-                    stages.push(StageSpec { id, seed: 0, stage });
+                    stages.push(StageSpec {
+                        id,
+                        seed: 0,
+                        stage,
+                        resources: resources.clone(),
+                    });
                 }
             }
         }
@@ -255,6 +264,7 @@ fn check_stage(
     };
     let mut params = table.clone();
     params.remove("kind");
+    params.remove("resources"); // the executor's, see `resources_of`
     if let Some(sweep) = params.remove("sweep") {
         return super::sweep::expand(doc, id, kind, params, sweep, ctx, problems);
     }
@@ -265,6 +275,19 @@ fn check_stage(
             vec![]
         }
     }
+}
+
+/// A stage's `resources` table, checked (the default when it has none or a bad one).
+fn resources_of(doc: &Document, id: &str, value: &Value, problems: &mut Problems) -> Resources {
+    let Some(r) = value.get("resources") else {
+        return Resources::default();
+    };
+    let (parsed, mut issues) = parse_params::<Resources>(r.clone());
+    if let Some(p) = &parsed {
+        issues.extend(p.check());
+    }
+    report(doc, &format!("stages.{id}.resources"), issues, problems);
+    parsed.unwrap_or_default()
 }
 
 pub(crate) fn report(

@@ -55,6 +55,12 @@ pub enum Event<'a> {
         id: &'a str,
         reason: &'a str,
     },
+    /// Where a running node runs, when it is not simply this process: a Slurm job and
+    /// its state.
+    Placed {
+        id: &'a str,
+        place: &'a str,
+    },
 }
 
 /// Receives [`Event`]s; the CLI draws them, tests record them.
@@ -103,7 +109,15 @@ pub enum NodeError {
     /// An input's entry is not what was written (re-hashed before the stage reads it).
     #[error("input `{id}`: {source}")]
     CorruptInput { id: String, source: CacheError },
+    /// The launcher that runs nodes elsewhere (a Slurm job) failed, or the node did.
+    #[error("{0}")]
+    Launch(Box<dyn LaunchError>),
 }
+
+/// A [`Launcher`]'s error: any error that can give a hint.
+pub trait LaunchError: std::error::Error + Hint + Send + Sync {}
+
+impl<T: std::error::Error + Hint + Send + Sync> LaunchError for T {}
 
 impl NodeError {
     /// A corrupt cache entry (exit code 3) rather than a failure while working.
@@ -120,6 +134,7 @@ impl Hint for NodeError {
         match self {
             NodeError::Stage(e) => e.hint(),
             _ if self.is_corrupt() => Some("remove it (`kpipe gc --corrupt`) and run again".into()),
+            NodeError::Launch(e) => e.hint(),
             NodeError::Cache(_) | NodeError::CorruptInput { .. } => None,
         }
     }
@@ -175,7 +190,7 @@ impl RunSummary {
 
 /// A node's key and what it was computed from.
 #[derive(Debug, Clone)]
-pub(crate) struct NodeKey {
+pub struct NodeKey {
     pub key: String,
     pub inputs: BTreeMap<String, String>,
     pub extra: serde_json::Value,
@@ -226,6 +241,111 @@ pub fn run(
     cache: &Cache,
     opts: &RunOptions,
     reporter: &dyn Reporter,
+) -> Result<RunSummary, CacheError> {
+    run_with(plan, cache, opts, reporter, &Local)
+}
+
+/// A node to run, as a [`Launcher`] gets it: its inputs are complete and its key is not
+/// in the cache.
+pub struct Job<'a> {
+    pub plan: &'a Plan,
+    pub cache: &'a Cache,
+    /// The node's index in the plan.
+    pub index: usize,
+    pub key: &'a NodeKey,
+    /// The entries of the node's inputs, by stage id.
+    pub inputs: &'a [(String, Entry)],
+    pub reporter: &'a dyn Reporter,
+}
+
+/// Where nodes run: in this process ([`Local`]), or elsewhere (a cluster's jobs) with the
+/// entry committed into the shared cache, which the launcher then finds.
+pub trait Launcher: Sync {
+    fn launch(&self, job: &Job<'_>) -> Result<Done, NodeError>;
+}
+
+/// Runs nodes in this process, one thread each.
+pub struct Local;
+
+impl Launcher for Local {
+    fn launch(&self, job: &Job<'_>) -> Result<Done, NodeError> {
+        run_node(
+            job.plan,
+            job.cache,
+            job.index,
+            job.key,
+            job.inputs,
+            job.reporter,
+        )
+    }
+}
+
+/// Runs node `index` alone, as a job that a driver submitted runs it: every input must be
+/// in the cache, and the node's key here must be `expected`, the driver's (else the
+/// pipeline, its data or kpipe differ between the machines). A node that is cached by
+/// now is found, not run again.
+pub fn run_one(
+    plan: &Plan,
+    cache: &Cache,
+    index: usize,
+    expected: &str,
+    reporter: &dyn Reporter,
+) -> Result<Done, NodeError> {
+    let mut digests: Vec<Option<String>> = vec![None; plan.len()];
+    let mut entries: BTreeMap<usize, Entry> = BTreeMap::new();
+    let needed = plan.dependencies(index);
+    for &j in plan.order() {
+        if j == index {
+            break;
+        }
+        if let Some(k) = node_key(plan, cache, j, &digests)?
+            && let Some(entry) = cache.lookup(&k.key)?
+        {
+            digests[j] = Some(entry.manifest.output.clone());
+            entries.insert(j, entry);
+        }
+    }
+    let id = &plan.spec.stages[index].id;
+    let message = |text: String, hint: &str| {
+        NodeError::Launch(Box::new(crate::hint::Message::new(text).with_hint(hint)))
+    };
+    if let Some(&d) = needed.iter().find(|d| digests[**d].is_none()) {
+        return Err(message(
+            format!(
+                "input `{}` of `{id}` is not in the cache",
+                plan.spec.stages[d].id
+            ),
+            "the cache must be the driver's: a path that every machine sees",
+        ));
+    }
+    let key = node_key(plan, cache, index, &digests)?.expect("every input is known");
+    if key.key != expected {
+        return Err(message(
+            format!(
+                "`{id}` has key {} here, but the driver submitted {}",
+                &key.key[..12],
+                &expected[..expected.len().min(12)]
+            ),
+            "the pipeline file, its data or the kpipe binary differ between the driver and this machine",
+        ));
+    }
+    if let Some(entry) = cache.lookup(&key.key)? {
+        return Ok(Done::Found(entry));
+    }
+    let inputs: Vec<(String, Entry)> = needed
+        .iter()
+        .map(|d| (plan.spec.stages[*d].id.clone(), entries[d].clone()))
+        .collect();
+    run_node(plan, cache, index, &key, &inputs, reporter)
+}
+
+/// [`run`], with the nodes that must run handed to `launcher`.
+pub fn run_with(
+    plan: &Plan,
+    cache: &Cache,
+    opts: &RunOptions,
+    reporter: &dyn Reporter,
+    launcher: &dyn Launcher,
 ) -> Result<RunSummary, CacheError> {
     let n = plan.len();
     let mut state: Vec<State> = (0..n).map(|_| State::Waiting).collect();
@@ -325,7 +445,15 @@ pub fn run(
                     .collect();
                 let tx = tx.clone();
                 scope.spawn(move || {
-                    let result = run_node(plan, cache, i, &key, &inputs, reporter);
+                    let job = Job {
+                        plan,
+                        cache,
+                        index: i,
+                        key: &key,
+                        inputs: &inputs,
+                        reporter,
+                    };
+                    let result = launcher.launch(&job);
                     let _ = tx.send((i, key, result));
                 });
             }
@@ -403,7 +531,7 @@ pub fn run(
 }
 
 /// How a node that did not fail ended.
-enum Done {
+pub enum Done {
     /// It ran, taking this many seconds.
     Ran(Entry, f64),
     /// Another process computed its key while this one waited for the key's claim.

@@ -21,5 +21,6 @@ mod predict;
 mod run;
 mod score;
 mod shared_cache;
+mod slurm;
 mod study;
 mod train;
