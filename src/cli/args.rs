@@ -101,6 +101,10 @@ pub(super) struct RunArgs {
     /// Stop starting nodes after the first failure
     #[arg(long)]
     pub(super) fail_fast: bool,
+    /// Training nodes that run at once, each on a device of its own (the GPU adapter
+    /// index; on the CPU backend they share the cores)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub(super) devices: usize,
     /// Where nodes run: here, or as Slurm jobs (the cache must be on a filesystem every
     /// node sees)
     #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]

@@ -17,10 +17,13 @@ pub(super) fn run(args: &RunArgs, global: &GlobalArgs) -> Result<i32, CliError> 
     let cache = Cache::open(&global.cache_dir)?;
     let mut opts = RunOptions {
         fail_fast: args.fail_fast,
+        device_slots: args.devices.max(1),
         ..RunOptions::default()
     };
-    if let Some(j) = args.jobs {
-        opts.jobs = j.max(1);
+    match args.jobs {
+        Some(j) => opts.jobs = j.max(1),
+        // every device busy needs as many nodes at once
+        None => opts.jobs = opts.jobs.max(opts.device_slots),
     }
     let reporter = progress::TermReporter::new(progress_bars(global));
     let started = std::time::Instant::now();

@@ -255,6 +255,8 @@ pub struct Job<'a> {
     pub key: &'a NodeKey,
     /// The entries of the node's inputs, by stage id.
     pub inputs: &'a [(String, Entry)],
+    /// The device (GPU adapter index) a training node runs on; 0 otherwise.
+    pub device: usize,
     pub reporter: &'a dyn Reporter,
 }
 
@@ -269,14 +271,7 @@ pub struct Local;
 
 impl Launcher for Local {
     fn launch(&self, job: &Job<'_>) -> Result<Done, NodeError> {
-        run_node(
-            job.plan,
-            job.cache,
-            job.index,
-            job.key,
-            job.inputs,
-            job.reporter,
-        )
+        run_node(job)
     }
 }
 
@@ -336,7 +331,15 @@ pub fn run_one(
         .iter()
         .map(|d| (plan.spec.stages[*d].id.clone(), entries[d].clone()))
         .collect();
-    run_node(plan, cache, index, &key, &inputs, reporter)
+    run_node(&Job {
+        plan,
+        cache,
+        index,
+        key: &key,
+        inputs: &inputs,
+        device: 0,
+        reporter,
+    })
 }
 
 /// [`run`], with the nodes that must run handed to `launcher`.
@@ -354,7 +357,9 @@ pub fn run_with(
     reporter.event(Event::Planned { nodes: n });
     let (tx, rx) = mpsc::channel::<(usize, NodeKey, Result<Done, NodeError>)>();
     std::thread::scope(|scope| {
-        let (mut running, mut device_busy, mut stop) = (0usize, 0usize, false);
+        let (mut running, mut stop) = (0usize, false);
+        // which device each training node holds: one node per device at a time
+        let mut devices: Vec<Option<usize>> = vec![None; opts.device_slots.max(1)];
         loop {
             for &i in plan.order() {
                 if !matches!(state[i], State::Waiting) || stop {
@@ -424,16 +429,24 @@ pub fn run_with(
                     }
                     Ok(None) => {}
                 }
-                let device = plan.spec.stages[i].stage.uses_device();
-                if running >= opts.jobs.max(1)
-                    || (device && device_busy >= opts.device_slots.max(1))
-                {
+                let free = devices.iter().position(Option::is_none);
+                let uses_device = plan.spec.stages[i].stage.uses_device();
+                if running >= opts.jobs.max(1) || (uses_device && free.is_none()) {
                     continue;
                 }
                 running += 1;
-                device_busy += usize::from(device);
+                let device = free.filter(|_| uses_device);
+                if let Some(d) = device {
+                    devices[d] = Some(i);
+                }
                 state[i] = State::Running;
                 reporter.event(Event::Started { id });
+                if let Some(d) = device.filter(|_| opts.device_slots > 1) {
+                    reporter.event(Event::Placed {
+                        id,
+                        place: &format!("device {d}"),
+                    });
+                }
                 let inputs: Vec<(String, Entry)> = deps
                     .iter()
                     .filter_map(|&d| match &state[d] {
@@ -451,6 +464,7 @@ pub fn run_with(
                         index: i,
                         key: &key,
                         inputs: &inputs,
+                        device: device.unwrap_or(0),
                         reporter,
                     };
                     let result = launcher.launch(&job);
@@ -465,8 +479,8 @@ pub fn run_with(
             };
             running -= 1;
             let id = plan.spec.stages[i].id.as_str();
-            if plan.spec.stages[i].stage.uses_device() {
-                device_busy -= 1;
+            if let Some(d) = devices.iter().position(|&n| n == Some(i)) {
+                devices[d] = None;
             }
             match result {
                 Ok(done) => {
@@ -538,14 +552,16 @@ pub enum Done {
     Found(Entry),
 }
 
-fn run_node(
-    plan: &Plan,
-    cache: &Cache,
-    i: usize,
-    key: &NodeKey,
-    input_entries: &[(String, Entry)],
-    reporter: &dyn Reporter,
-) -> Result<Done, NodeError> {
+fn run_node(job: &Job<'_>) -> Result<Done, NodeError> {
+    let &Job {
+        plan,
+        cache,
+        index: i,
+        key,
+        inputs: input_entries,
+        device,
+        reporter,
+    } = job;
     let st = &plan.spec.stages[i];
     let span = tracing::info_span!("stage", id = %st.id, kind = st.stage.kind());
     let _guard = span.enter();
@@ -608,6 +624,7 @@ fn run_node(
         inputs: &inputs,
         data_roots: &data_roots,
         stat_cache: cache.stat_cache(),
+        device,
         progress: &progress,
     };
     tracing::info!("running");

@@ -180,7 +180,7 @@ impl Stage for Evaluate {
         if cases.is_empty() {
             return Err(StageError::Failed(format!("`{}` has no cases", self.part)));
         }
-        let device = backend::device(self.backend, 0).map_err(StageError::Advised)?;
+        let device = backend::device(self.backend, ctx.device).map_err(StageError::Advised)?;
         let (net, file) =
             load_network(&ctx.input_dir(&self.model)?, &device).map_err(StageError::other)?;
         check_compatible(&file, &store)?;

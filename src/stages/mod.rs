@@ -165,6 +165,8 @@ pub struct RunContext<'a> {
     pub data_roots: &'a BTreeMap<String, PathBuf>,
     /// Digests of files outside the cache by their stat.
     pub stat_cache: &'a crate::cache::StatCache,
+    /// The device a training node runs on (the GPU adapter index; one node per device).
+    pub device: usize,
     pub progress: &'a (dyn Fn(Progress) + Sync),
 }
 

@@ -284,7 +284,7 @@ impl Stage for Train {
             Some(r) => Some(ctx.input(r)?.join("model.safetensors")),
             None => None,
         };
-        let device = backend::device(self.backend, 0).map_err(StageError::Advised)?;
+        let device = backend::device(self.backend, ctx.device).map_err(StageError::Advised)?;
         let job = Fit {
             model: model.clone(),
             epochs: self.epochs,

@@ -172,6 +172,15 @@ pub fn fit(
         )));
     }
     let device = f.device.clone().autodiff();
+    // burn's backends keep one random generator per process, and draw a parameter's
+    // initial value lazily, at its first use in the first forward pass: from seeding to
+    // the end of that pass, a training holds this lock, so that trainings running at once
+    // (`--devices`) each start from their own seed's weights, the same as alone
+    static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let mut drawing = Some(
+        INIT.lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
     device.seed(f.seed);
     let mut model: Network = f.model.init(&device);
     match &f.pretrained {
@@ -246,6 +255,7 @@ pub fn fit(
                         + f.loss.forward(logits, &other) * (1.0 - lambda)
                 }
             };
+            drawing.take(); // every weight is drawn
             loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * data.len as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);

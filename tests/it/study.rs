@@ -427,3 +427,40 @@ fn evaluate_scores_whole_volumes_as_predict_and_score_do() {
     }
     assert!(n > 0, "{csv}");
 }
+
+#[test]
+fn the_arms_of_a_sweep_run_at_once_one_per_device_with_the_same_results() {
+    // four arms on four devices (the CPU backend: the device indices are fake, the cores
+    // shared), against one device: the same lock file, bit for bit
+    let pipeline = common::small_data_pipeline("devices", 3)
+        + &common::train_stage("train", 4, "epochs = 1\nbatch-size = 4\n")
+        + "\n[stages.train.sweep]\nlearning-rate = [1e-2, 1e-3, 1e-4, 1e-5]\n";
+    let (one, four) = (Project::new(), Project::new());
+    one.write("d.toml", &pipeline);
+    four.write("d.toml", &pipeline);
+    let (code, _, err) = one.run(&["--no-progress", "run", "d.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !err.contains(": device "),
+        "one device: no placement lines: {err}"
+    );
+    let (code, _, err) = four.run(&["--no-progress", "run", "d.toml", "--devices", "4"]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = err.lines().collect();
+    let first_done = lines
+        .iter()
+        .position(|l| l.trim_start().starts_with("ran  train["))
+        .unwrap();
+    let mut placed: Vec<&str> = lines[..first_done]
+        .iter()
+        .filter_map(|l| l.split(": device ").nth(1))
+        .collect();
+    placed.sort_unstable();
+    assert_eq!(
+        placed,
+        ["0", "1", "2", "3"],
+        "all four started before one ended: {err}"
+    );
+    let lock = |p: &Project| std::fs::read_to_string(p.path().join("d.lock")).unwrap();
+    assert_eq!(lock(&one), lock(&four));
+}
