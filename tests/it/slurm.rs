@@ -148,6 +148,16 @@ cmd = ["sh", "-c", "echo run >> \"$KPIPE_PIPELINE_DIR/runs.txt\"; sleep 4; echo 
 outs = ["out.txt"]
 "#;
 
+/// A driver of the slow pipeline in the background, once its job has started.
+fn slow_driver(p: &Project) -> std::process::Child {
+    p.write("slow.toml", SLOW);
+    let mut args = vec!["--no-progress", "run", "slow.toml"];
+    args.extend_from_slice(SLURM);
+    let driver = p.spawn_piped(&args);
+    wait_for_runs(p);
+    driver
+}
+
 /// Waits until the slow stage's job has started.
 fn wait_for_runs(p: &Project) {
     let started = Instant::now();
@@ -166,11 +176,7 @@ fn a_restarted_driver_attaches_to_the_jobs_still_running() {
         return;
     }
     let p = Project::new();
-    p.write("slow.toml", SLOW);
-    let mut args = vec!["--no-progress", "run", "slow.toml"];
-    args.extend_from_slice(SLURM);
-    let mut first = p.spawn_piped(&args);
-    wait_for_runs(&p);
+    let mut first = slow_driver(&p);
     first.kill().unwrap(); // the driver dies; its job runs on
     let _ = first.wait();
     let (code, _, err) = run_slurm(&p, &["slow.toml"]);
@@ -186,11 +192,7 @@ fn an_interrupted_driver_cancels_its_jobs() {
         return;
     }
     let p = Project::new();
-    p.write("slow.toml", SLOW);
-    let mut args = vec!["--no-progress", "run", "slow.toml"];
-    args.extend_from_slice(SLURM);
-    let driver = p.spawn_piped(&args);
-    wait_for_runs(&p);
+    let driver = slow_driver(&p);
     let kill = std::process::Command::new("kill")
         .args(["-INT", &driver.id().to_string()])
         .status()
