@@ -271,10 +271,12 @@ fn a_fold_sweep_trains_one_arm_per_cross_validation_fold() {
     let folds = split["folds"].as_array().unwrap();
     assert_eq!(folds.len(), 2);
     assert_eq!(split["eval"].as_array().unwrap().len(), 1);
-    // a fold past the split's count fails the arm, naming the count
+    // a fold past the split's count is a configuration error before anything runs,
+    // pointing at the sweep and naming the count
     p.write("p.toml", &cv.replace("fold = [0, 1]", "fold = [0, 2]"));
     let (code, _, err) = p.run(&["run", "p.toml"]);
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("p.toml:") && err.contains("fold = [0, 2]"), "{err}");
     assert!(err.contains("`fold = 2`, but `split` has 2 folds"), "{err}");
 }
 
