@@ -276,7 +276,10 @@ fn a_fold_sweep_trains_one_arm_per_cross_validation_fold() {
     p.write("p.toml", &cv.replace("fold = [0, 1]", "fold = [0, 2]"));
     let (code, _, err) = p.run(&["run", "p.toml"]);
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("p.toml:") && err.contains("fold = [0, 2]"), "{err}");
+    assert!(
+        err.contains("p.toml:") && err.contains("fold = [0, 2]"),
+        "{err}"
+    );
     assert!(err.contains("`fold = 2`, but `split` has 2 folds"), "{err}");
 }
 
