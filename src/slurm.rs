@@ -65,6 +65,8 @@ pub enum SlurmError {
     },
     #[error("interrupted: Slurm job {job} of `{id}` was cancelled")]
     Interrupted { id: String, job: String },
+    #[error("interrupted: `{id}` was not submitted")]
+    NotSubmitted { id: String },
 }
 
 impl Hint for SlurmError {
@@ -283,6 +285,9 @@ impl Launcher for Slurm {
         let id = &job.plan.spec.stages[job.index].id;
         let key = &job.key.key;
         let launch = |e: SlurmError| NodeError::Launch(Box::new(e));
+        if self.interrupted.load(Ordering::Relaxed) {
+            return Err(launch(SlurmError::NotSubmitted { id: id.clone() }));
+        }
         let start = Instant::now();
         let (number, log) = match self.existing(key) {
             Some(number) => {
