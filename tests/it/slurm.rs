@@ -208,3 +208,43 @@ fn an_interrupted_driver_cancels_its_jobs() {
         "a cancelled job committed its entry"
     );
 }
+
+#[test]
+fn a_job_that_slurm_kills_fails_its_node_with_slurms_reason_and_a_rerun_resubmits_it() {
+    if !slurm() {
+        return;
+    }
+    let p = Project::new();
+    let driver = slow_driver(&p);
+    // Slurm ends the job (as a time limit, preemption or node failure would): find it
+    // by its working directory, the pipeline's
+    let listed = std::process::Command::new("squeue")
+        .args(["-h", "-o", "%i|%Z"])
+        .output()
+        .unwrap();
+    let here = p.path().canonicalize().unwrap();
+    let job = String::from_utf8_lossy(&listed.stdout)
+        .lines()
+        .find_map(|l| {
+            let (id, dir) = l.split_once('|')?;
+            (Path::new(dir) == here).then(|| id.to_string())
+        })
+        .expect("the job is listed");
+    assert!(
+        std::process::Command::new("scancel")
+            .arg(&job)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let (code, _, err) = common::outcome(driver.wait_with_output().unwrap());
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains(&format!("Slurm job {job} of `slow` ended CANCELLED")),
+        "{err}"
+    );
+    assert!(p.entries().is_empty(), "nothing cached for the killed job");
+    let (code, _, err) = run_slurm(&p, &["slow.toml"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(common::ran(&err), ["slow"]);
+}
