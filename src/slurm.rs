@@ -194,6 +194,13 @@ impl Slurm {
         format!("exec {}", quoted.join(" "))
     }
 
+    fn log_path(&self, key: &str, job: &str) -> PathBuf {
+        self.opts
+            .cache_dir
+            .join("slurm")
+            .join(format!("{key}-{job}.log"))
+    }
+
     /// A queued or running job of this key, left by an earlier driver.
     fn existing(&self, key: &str) -> Option<String> {
         let out = Command::new("squeue")
@@ -340,14 +347,5 @@ impl Launcher for Slurm {
                 log,
             })),
         }
-    }
-}
-
-impl Slurm {
-    fn log_path(&self, key: &str, job: &str) -> PathBuf {
-        self.opts
-            .cache_dir
-            .join("slurm")
-            .join(format!("{key}-{job}.log"))
     }
 }

@@ -90,9 +90,7 @@ pub fn run_one(
             "the pipeline file, its data or the kpipe binary differ between the driver and this machine",
         ));
     }
-    if let Some(entry) = cache.lookup(&key.key)? {
-        return Ok(Done::Found(entry));
-    }
+    // run_node finds an entry that is in place by now (after taking the key's claim)
     let inputs: Vec<(String, Entry)> = needed
         .iter()
         .map(|d| (plan.spec.stages[*d].id.clone(), entries[d].clone()))
