@@ -1,7 +1,7 @@
 //! The one place that knows which burn backend runs: burn-flex on the CPU, burn-wgpu on
 //! a GPU (with the `gpu` cargo feature).
 
-use burn::tensor::Device;
+use burn::tensor::{Device, DeviceConfig, FloatDType};
 
 use crate::hint::Message;
 use serde::{Deserialize, Serialize};
@@ -14,14 +14,120 @@ pub enum BackendKind {
     Gpu,
 }
 
+/// The float precision a GPU node computes in (`precision = "..."` on train, evaluate and
+/// predict). The CPU backend computes in f32 only.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Precision {
+    /// f32 storage and arithmetic.
+    #[default]
+    F32,
+    /// f32 storage, with kernels free to compute in f16 tiles (tensor cores through
+    /// cooperative matrices on Vulkan).
+    Flex32,
+    /// f16 storage and arithmetic (the loss is still computed in f32).
+    F16,
+}
+
+impl Precision {
+    pub fn dtype(self) -> FloatDType {
+        match self {
+            Precision::F32 => FloatDType::F32,
+            Precision::Flex32 => FloatDType::Flex32,
+            Precision::F16 => FloatDType::F16,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Flex32 => "flex32",
+            Precision::F16 => "f16",
+        }
+    }
+
+    /// Why this precision cannot run on `kind`, if it cannot.
+    pub fn unsupported_on(self, kind: BackendKind) -> Option<String> {
+        (kind == BackendKind::Cpu && self != Precision::F32).then(|| {
+            format!(
+                "precision `{}` runs on the GPU backend only (the CPU backend computes in f32): set `backend = \"gpu\"` or `precision = \"f32\"`",
+                self.name()
+            )
+        })
+    }
+}
+
 /// The CPU device (burn-flex). Build an autodiff one from it with `.autodiff()`.
 pub fn cpu() -> Device {
     Device::flex()
 }
 
-/// The device for a backend. Devices are always built explicitly: adding the GPU feature
-/// moves burn's `Device::default()` off the CPU.
-pub fn device(kind: BackendKind, index: usize) -> Result<Device, Message> {
+/// How many GPUs the GPU backend finds: the discrete adapters burn-wgpu enumerates (on
+/// the graphics API it settles on), or 1 where there is only another kind (an integrated
+/// or software adapter, which `DefaultDevice` picks); 0 without the `gpu` feature.
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "gpu")]
+    {
+        use burn::backend::Backend;
+        // type id 0: discrete GPUs, numbered as `DiscreteGpu(i)` addresses them
+        <burn::backend::Wgpu as Backend>::device_count(0).max(1)
+    }
+    #[cfg(not(feature = "gpu"))]
+    0
+}
+
+/// The device for a backend, computing in `precision`. Devices are always built
+/// explicitly: adding the GPU feature moves burn's `Device::default()` off the CPU.
+///
+/// burn fixes a device's float type once per process, at its first use: nodes that share
+/// a device within one run must share its precision.
+pub fn device(kind: BackendKind, index: usize, precision: Precision) -> Result<Device, Message> {
+    if let Some(why) = precision.unsupported_on(kind) {
+        return Err(Message::new(why));
+    }
+    let mut device = plain_device(kind, index)?;
+    if kind == BackendKind::Gpu {
+        let wanted = precision.dtype();
+        if !device.supports_dtype(wanted) {
+            return Err(Message::new(format!(
+                "GPU device {index} does not compute in {}",
+                precision.name()
+            ))
+            .with_hint("use `precision = \"f32\"`"));
+        }
+        if device
+            .configure(DeviceConfig::default().float_dtype(wanted))
+            .is_err()
+            && device.settings().float_dtype != wanted
+        {
+            return Err(Message::new(format!(
+                "GPU device {index} already computes in {:?} in this run, not {}",
+                device.settings().float_dtype,
+                precision.name()
+            ))
+            .with_hint(
+                "give the nodes on one device the same `precision`, or run them in separate `kpipe run`s",
+            ));
+        }
+    }
+    Ok(device)
+}
+
+/// The device as a benchmark reports it: the adapter's name on the GPU.
+pub fn describe(device: &Device, kind: BackendKind) -> String {
+    match kind {
+        BackendKind::Cpu => "CPU (burn-flex)".into(),
+        #[cfg(feature = "gpu")]
+        BackendKind::Gpu => device.identity().map_or_else(
+            || format!("{device:?}"),
+            |id| format!("{} ({})", id.name, id.fingerprint),
+        ),
+        #[cfg(not(feature = "gpu"))]
+        BackendKind::Gpu => format!("{device:?}"),
+    }
+}
+
+fn plain_device(kind: BackendKind, index: usize) -> Result<Device, Message> {
     match kind {
         BackendKind::Cpu => Ok(cpu()),
         #[cfg(feature = "gpu")]

@@ -64,10 +64,24 @@ pub fn bench_slicing(
     Ok((median(times), first, slices))
 }
 
+/// What a U-Net throughput measurement runs.
+#[derive(Debug, Clone)]
+pub struct NetBench {
+    pub train: bool,
+    pub size: usize,
+    pub base: usize,
+    pub batch: usize,
+    /// Timed steps, after `warmup` untimed ones (which also take autotuning on a GPU).
+    pub steps: usize,
+    pub warmup: usize,
+    pub device: burn::tensor::Device,
+}
+
 /// Training or inference throughput of a U-Net (two 3x3 convs + BN + ReLU per level, the
-/// PyTorch reference's network) on random data: median slices per second over `steps`
-/// steps after one warm-up step.
-pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: usize) -> f64 {
+/// PyTorch reference's network) on random data: median slices per second over the timed
+/// steps. Each step ends by reading its result back (the loss, or the labels), so the
+/// device has finished the step's work before its timer stops.
+pub fn bench_unet(b: &NetBench) -> f64 {
     use burn::optim::GradientsParams;
     use burn::tensor::{Distribution, Tensor};
 
@@ -77,7 +91,7 @@ pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: us
     let config = ModelConfig {
         kind: ModelKind::Unet,
         in_channels: 1,
-        base,
+        base: b.base,
         batch_norm: true,
         up_kernel: 2,
         freeze_encoder: false,
@@ -87,36 +101,39 @@ pub fn bench_unet(train: bool, size: usize, base: usize, batch: usize, steps: us
         weights: [1.0, 1.0],
         class_weights: None,
     };
-    let labels: Vec<u8> = (0..batch * size * size).map(|i| (i % 3) as u8).collect();
+    let (n, size) = (b.batch, b.size);
+    let labels: Vec<u8> = (0..n * size * size).map(|i| (i % 3) as u8).collect();
     let mut times = Vec::new();
-    if train {
-        let device = crate::backend::cpu().autodiff();
+    let timed = |i: usize, t: Instant, times: &mut Vec<f64>| {
+        if i >= b.warmup {
+            times.push(t.elapsed().as_secs_f64());
+        }
+    };
+    if b.train {
+        let device = b.device.clone().autodiff();
         device.seed(1);
         let mut model = config.init(&device);
         let mut optim = crate::train::adam([0.9, 0.999], 1e-7, 0.0).init();
-        for i in 0..=steps {
-            let x = Tensor::<4>::random([batch, 1, size, size], Distribution::Default, &device);
+        for i in 0..b.warmup + b.steps {
+            let x = Tensor::<4>::random([n, 1, size, size], Distribution::Default, &device);
             let t = Instant::now();
             let l = loss.forward(model.forward(x), &labels);
-            let _ = l.clone().into_scalar::<f32>();
-            let grads = GradientsParams::from_grads(l.backward(), &model);
+            let grads = GradientsParams::from_grads(l.clone().backward(), &model);
             model = optim.step(1e-4, model, grads);
-            if i > 0 {
-                times.push(t.elapsed().as_secs_f64());
-            }
+            let _ = l.into_scalar::<f32>();
+            let _ = device.sync();
+            timed(i, t, &mut times);
         }
     } else {
-        let device = crate::backend::cpu();
+        let device = b.device.clone();
         device.seed(1);
         let model = config.init(&device);
-        for i in 0..=steps {
-            let x = Tensor::<4>::random([batch, 1, size, size], Distribution::Default, &device);
+        for i in 0..b.warmup + b.steps {
+            let x = Tensor::<4>::random([n, 1, size, size], Distribution::Default, &device);
             let t = Instant::now();
             let _ = crate::train::predict_labels(model.forward(x));
-            if i > 0 {
-                times.push(t.elapsed().as_secs_f64());
-            }
+            timed(i, t, &mut times);
         }
     }
-    batch as f64 / median(times)
+    n as f64 / median(times)
 }

@@ -398,7 +398,6 @@ impl Cache {
         out
     }
 
-    /// Removes temporary directories whose writing process is gone.
     /// Takes the claim on computing `key`, waiting while another process (or thread)
     /// holds it; `waiting` is called once if it has to wait. Released when dropped.
     pub fn claim(&self, key: &str, waiting: impl FnOnce()) -> Result<Claim, CacheError> {
@@ -432,6 +431,29 @@ impl Cache {
         }
     }
 
+    /// Removes the claim files nobody holds (`kpipe gc`), each while holding its lock;
+    /// `dry_run` only counts them. A process that opened one just before sees a claim
+    /// that is no longer on disk: at worst two compute the key, and the first complete
+    /// entry wins.
+    pub fn prune_claims(&self, dry_run: bool) -> Result<usize, CacheError> {
+        let dir = self.root.join("claims");
+        let rd = std::fs::read_dir(&dir).map_err(io("read", &dir))?;
+        let mut pruned = 0;
+        for e in rd.flatten() {
+            let Ok(f) = std::fs::File::open(e.path()) else {
+                continue;
+            };
+            if f.try_lock().is_ok() {
+                if !dry_run {
+                    std::fs::remove_file(e.path()).map_err(io("remove", &e.path()))?;
+                }
+                pruned += 1;
+            }
+        }
+        Ok(pruned)
+    }
+
+    /// Removes temporary directories whose writing process is gone.
     fn remove_stale_tmp(&self) {
         let Ok(rd) = std::fs::read_dir(self.root.join("tmp")) else {
             return;
@@ -452,6 +474,25 @@ impl Cache {
 mod tests {
     use super::writer::set_readonly;
     use super::*;
+
+    #[test]
+    fn prune_claims_removes_only_the_claims_nobody_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path()).unwrap();
+        drop(cache.claim("idle", || {}).unwrap());
+        let held = cache.claim("held", || {}).unwrap();
+        let claims = dir.path().join("claims");
+        assert_eq!(cache.prune_claims(true).unwrap(), 1);
+        assert!(claims.join("idle").exists(), "a dry run removes nothing");
+        assert_eq!(cache.prune_claims(false).unwrap(), 1);
+        assert!(!claims.join("idle").exists());
+        assert!(claims.join("held").exists());
+        drop(held);
+        assert_eq!(cache.prune_claims(false).unwrap(), 1);
+        assert!(!claims.join("held").exists());
+        // a key can be claimed again after its file went
+        drop(cache.claim("idle", || {}).unwrap());
+    }
 
     fn manifest() -> Manifest {
         Manifest {

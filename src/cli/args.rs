@@ -102,9 +102,10 @@ pub(super) struct RunArgs {
     #[arg(long)]
     pub(super) fail_fast: bool,
     /// Training nodes that run at once, each on a device of its own (the GPU adapter
-    /// index; on the CPU backend they share the cores)
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub(super) devices: usize,
+    /// index; on the CPU backend they share the cores) [default: every GPU found where a
+    /// node uses the GPU backend, else 1]
+    #[arg(long, value_name = "N")]
+    pub(super) devices: Option<usize>,
     /// Where nodes run: here, or as Slurm jobs (the cache must be on a filesystem every
     /// node sees)
     #[arg(long, value_enum, default_value_t = ExecutorArg::Local)]
@@ -289,6 +290,14 @@ pub(super) struct NetBench {
     pub(super) threads: usize,
     #[arg(long, default_value_t = 5)]
     pub(super) steps: usize,
+    /// Untimed steps first (on a GPU they include autotuning)
+    #[arg(long, default_value_t = 1)]
+    pub(super) warmup: usize,
+    #[arg(long, value_enum, default_value = "cpu")]
+    pub(super) backend: BackendArg,
+    /// The GPU backend's float precision
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(super) precision: PrecisionArg,
 }
 
 #[derive(Args, Debug)]
@@ -329,6 +338,9 @@ pub(super) struct PredictArgs {
     pub(super) batch_size: usize,
     #[arg(long, value_enum, default_value = "cpu")]
     pub(super) backend: BackendArg,
+    /// The GPU backend's float precision (the CPU computes in f32)
+    #[arg(long, value_enum, default_value = "f32")]
+    pub(super) precision: PrecisionArg,
 }
 
 #[derive(Args, Debug)]
@@ -373,6 +385,32 @@ pub(super) enum TextOrJson {
 pub(super) enum BackendArg {
     Cpu,
     Gpu,
+}
+
+impl BackendArg {
+    pub(super) fn kind(self) -> crate::backend::BackendKind {
+        match self {
+            BackendArg::Cpu => crate::backend::BackendKind::Cpu,
+            BackendArg::Gpu => crate::backend::BackendKind::Gpu,
+        }
+    }
+}
+
+#[derive(ValueEnum, Clone, Copy, Debug)]
+pub(super) enum PrecisionArg {
+    F32,
+    Flex32,
+    F16,
+}
+
+impl PrecisionArg {
+    pub(super) fn precision(self) -> crate::backend::Precision {
+        match self {
+            PrecisionArg::F32 => crate::backend::Precision::F32,
+            PrecisionArg::Flex32 => crate::backend::Precision::Flex32,
+            PrecisionArg::F16 => crate::backend::Precision::F16,
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]

@@ -31,17 +31,38 @@ fn slicing(args: &SlicingArgs, out: &mut impl Write) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-/// U-Net training (`train`) or inference steps, on a global pool of `b.threads` threads.
+/// U-Net training (`train`) or inference steps, on a global pool of `b.threads` threads
+/// (the CPU backend's), on the device `b.backend` names.
 fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError> {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(b.threads.max(1))
         .build_global();
-    let rate = crate::bench::bench_unet(train, b.size, b.base, b.batch, b.steps.max(1));
+    let kind = b.backend.kind();
+    let precision = b.precision.precision();
+    let device = crate::backend::device(kind, 0, precision).map_err(CliError::Usage)?;
+    let name = crate::backend::describe(&device, kind);
+    let rate = crate::bench::bench_unet(&crate::bench::NetBench {
+        train,
+        size: b.size,
+        base: b.base,
+        batch: b.batch,
+        steps: b.steps.max(1),
+        warmup: b.warmup.max(1),
+        device,
+    });
     let what = if train { "train" } else { "infer" };
     writeln!(
         out,
-        "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {} thread(s), median of {} steps)",
-        b.base, b.size, b.size, b.batch, b.threads, b.steps
+        "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {}, {}, {} CPU thread(s), median of {} steps after {} warm-up)",
+        b.base,
+        b.size,
+        b.size,
+        b.batch,
+        name,
+        precision.name(),
+        b.threads,
+        b.steps,
+        b.warmup.max(1)
     )?;
     Ok(exit::OK)
 }

@@ -88,6 +88,11 @@ pub(super) fn gc(
         doomed.len(),
         human_bytes(bytes)
     )?;
+    let claims = cache.prune_claims(dry_run)?;
+    if claims > 0 {
+        let verb = if dry_run { "would remove" } else { "removed" };
+        writeln!(out, "{verb} {claims} idle claim files")?;
+    }
     Ok(exit::OK)
 }
 

@@ -4,10 +4,9 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use super::args::{BackendArg, GlobalArgs, PredictArgs};
+use super::args::{GlobalArgs, PredictArgs};
 use super::util::progress_bars;
 use super::{CliError, advise, exit, usage};
-use crate::backend::BackendKind;
 use crate::cache::{Cache, LockFile};
 use crate::predict::PredictError;
 
@@ -17,11 +16,8 @@ pub(super) fn run(
     global: &GlobalArgs,
     out: &mut impl Write,
 ) -> Result<i32, CliError> {
-    let kind = match args.backend {
-        BackendArg::Cpu => BackendKind::Cpu,
-        BackendArg::Gpu => BackendKind::Gpu,
-    };
-    let device = crate::backend::device(kind, 0).map_err(CliError::Usage)?;
+    let device = crate::backend::device(args.backend.kind(), 0, args.precision.precision())
+        .map_err(CliError::Usage)?;
     let model = resolve_model(&args.model, args.profile.as_deref(), &global.cache_dir)?;
     let (net, file) = crate::train::load_network(&model, &device).map_err(PredictError::Train)?;
     let pairs = crate::predict::plan_outputs(&args.inputs, &args.out)?;

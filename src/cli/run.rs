@@ -6,6 +6,7 @@ use std::io::Write;
 use super::args::{ExecutorArg, GlobalArgs, GraphArgs, GraphFormat, PlanArgs, RunArgs, TextOrJson};
 use super::util::{load, print_json, progress_bars};
 use super::{CliError, exit, progress};
+use crate::backend::{self, BackendKind};
 use crate::cache::Cache;
 use crate::exec::{self, Outcome, PreviewStatus, RunOptions};
 use crate::slurm::{Slurm, SlurmOptions};
@@ -17,7 +18,10 @@ pub(super) fn run(args: &RunArgs, global: &GlobalArgs) -> Result<i32, CliError> 
     let cache = Cache::open(&global.cache_dir)?;
     let mut opts = RunOptions {
         fail_fast: args.fail_fast,
-        device_slots: args.devices.max(1),
+        device_slots: args
+            .devices
+            .unwrap_or_else(|| default_devices(&plan))
+            .max(1),
         ..RunOptions::default()
     };
     match args.jobs {
@@ -57,6 +61,26 @@ pub(super) fn run(args: &RunArgs, global: &GlobalArgs) -> Result<i32, CliError> 
         started.elapsed().as_secs_f64()
     );
     Ok(summary.exit_code())
+}
+
+/// `--devices` when not given: every GPU the GPU backend finds where a node trains or
+/// evaluates on it, else 1 (CPU nodes share the cores; more at once is a choice, see the
+/// README).
+fn default_devices(plan: &crate::graph::Plan) -> usize {
+    let gpu = plan
+        .spec
+        .stages
+        .iter()
+        .any(|s| s.stage.backend() == Some(BackendKind::Gpu));
+    if !gpu {
+        return 1;
+    }
+    let n = backend::gpu_count();
+    tracing::info!(
+        gpus = n,
+        "training and evaluation nodes run on every GPU at once"
+    );
+    n
 }
 
 /// Each node's key, and whether it is cached or would run, and why.

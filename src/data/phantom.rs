@@ -82,6 +82,10 @@ struct Hu {
     noise: f64,
 }
 
+/// The generator's version: part of a synthetic load stage's key, so that phantoms made
+/// by another version are never served from the cache.
+pub const VERSION: u32 = 1;
+
 fn case_rng(seed: u64, case: usize) -> Pcg64 {
     let mut h = blake3::Hasher::new_derive_key("kpipe phantom case v1");
     h.update(&seed.to_le_bytes());

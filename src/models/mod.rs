@@ -168,9 +168,12 @@ impl ModelConfig {
         }
     }
 
+    /// The input size of every network here must be a multiple of this (five halvings).
+    pub const SIZE_MULTIPLE: usize = 32;
+
     /// The input size must be a multiple of this.
     pub fn size_multiple(&self) -> usize {
-        32
+        Self::SIZE_MULTIPLE
     }
 }
 

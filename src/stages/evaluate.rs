@@ -10,7 +10,8 @@
 //! batch-size = 8
 //! examples = 6             # eval slices with the most foreground, kept for the report
 //! write-predictions = false  # true: `predictions/prediction_XXXXX.nii.gz` per case
-//! backend = "cpu"
+//! backend = "cpu"          # or "gpu"
+//! precision = "f32"        # GPU only: or "flex32", "f16"
 //! ```
 //!
 //! Two evaluations, each saying what it is:
@@ -36,7 +37,7 @@ use ndarray::{Array3, s};
 use serde::{Deserialize, Serialize};
 
 use super::{CheckContext, Inputs, ParamIssue, RunContext, Stage, StageError, StageRef};
-use crate::backend::{self, BackendKind};
+use crate::backend::{self, BackendKind, Precision};
 use crate::data::kits::{self, CaseTable};
 use crate::data::loader::{batch, slices_of};
 use crate::data::nifti::{ReadBuffers, Volume};
@@ -63,6 +64,9 @@ pub struct Evaluate {
     pub write_predictions: bool,
     #[serde(default)]
     pub backend: BackendKind,
+    /// The GPU backend's float precision ("f32", "flex32", "f16"); the CPU computes in f32.
+    #[serde(default)]
+    pub precision: Precision,
     /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
     #[serde(default)]
     pub fold: Option<usize>,
@@ -124,13 +128,19 @@ impl Evaluate {
 impl Stage for Evaluate {
     const KIND: &'static str = "evaluate";
 
+    fn backend(&self) -> Option<BackendKind> {
+        Some(self.backend)
+    }
+
     fn key_params(&self) -> serde_json::Value {
         super::omit_unset(
             serde_json::to_value(self).unwrap_or_default(),
-            &[("fold", serde_json::Value::Null)],
+            &[
+                ("fold", serde_json::Value::Null),
+                ("precision", serde_json::json!("f32")),
+            ],
         )
     }
-    const USES_DEVICE: bool = true;
 
     fn check(&self, _: &CheckContext) -> Vec<ParamIssue> {
         let mut issues = Vec::new();
@@ -151,6 +161,9 @@ impl Stage for Evaluate {
         }
         if self.batch_size == 0 {
             issues.push(ParamIssue::new("batch-size", "must be at least 1"));
+        }
+        if let Some(why) = self.precision.unsupported_on(self.backend) {
+            issues.push(ParamIssue::new("precision", why));
         }
         issues
     }
@@ -180,7 +193,8 @@ impl Stage for Evaluate {
         if cases.is_empty() {
             return Err(StageError::Failed(format!("`{}` has no cases", self.part)));
         }
-        let device = backend::device(self.backend, ctx.device).map_err(StageError::Advised)?;
+        let device = backend::device(self.backend, ctx.device, self.precision)
+            .map_err(StageError::Advised)?;
         let (net, file) =
             load_network(&ctx.input_dir(&self.model)?, &device).map_err(StageError::other)?;
         check_compatible(&file, &store)?;

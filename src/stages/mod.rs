@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::schema::ParamIssue;
 
+use crate::backend::BackendKind;
 use crate::hint::{Hint, Message};
 
 /// A reference to another stage's output: `"split"` or `"split.train"`.
@@ -88,6 +89,8 @@ impl Hint for StageError {
                 if let Some(e) = e.downcast_ref::<crate::data::nifti::NiftiError>() {
                     e.hint()
                 } else if let Some(e) = e.downcast_ref::<crate::data::kits::KitsError>() {
+                    e.hint()
+                } else if let Some(e) = e.downcast_ref::<crate::train::TrainError>() {
                     e.hint()
                 } else {
                     e.downcast_ref::<Message>().and_then(Hint::hint)
@@ -213,8 +216,12 @@ pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
     const KIND: &'static str;
     /// Named outputs others may reference as `id.name`; `id` alone is the whole artifact.
     const OUTPUTS: &'static [&'static str] = &[];
-    /// Whether the stage needs a device slot (training).
-    const USES_DEVICE: bool = false;
+
+    /// The backend a node of this stage computes on (training, evaluation): such a node
+    /// holds one of the run's device slots (`--devices`) while it runs; `None`: no slot.
+    fn backend(&self) -> Option<BackendKind> {
+        None
+    }
 
     /// Value rules serde cannot express (ranges, paths that must exist).
     fn check(&self, _ctx: &CheckContext) -> Vec<ParamIssue> {
@@ -266,7 +273,11 @@ pub trait Stage: Serialize + DeserializeOwned + Send + Sync + 'static {
 pub trait DynStage: Send + Sync {
     fn kind(&self) -> &'static str;
     fn outputs(&self) -> &'static [&'static str];
-    fn uses_device(&self) -> bool;
+    fn backend(&self) -> Option<BackendKind>;
+    /// Whether a node holds a device slot while it runs.
+    fn uses_device(&self) -> bool {
+        self.backend().is_some()
+    }
     /// The resolved parameters, canonical (defaults filled, keys in a fixed order).
     fn params(&self) -> serde_json::Value;
     /// The parameters as the cache key and the lock file see them ([`Stage::key_params`]).
@@ -286,8 +297,8 @@ impl<S: Stage> DynStage for S {
     fn outputs(&self) -> &'static [&'static str] {
         S::OUTPUTS
     }
-    fn uses_device(&self) -> bool {
-        S::USES_DEVICE
+    fn backend(&self) -> Option<BackendKind> {
+        Stage::backend(self)
     }
     fn params(&self) -> serde_json::Value {
         serde_json::to_value(self).unwrap_or(serde_json::Value::Null)

@@ -22,11 +22,15 @@
 //! loss-weights = [1.0, 1.0]   # (ce, dice) for "ce+dice"
 //! class-weights = [1.0, 1.0, 1.0]
 //! shuffle-buffer = 200        # the study's buffer; absent: a full shuffle per epoch
+//! patch = { size = 64, foreground = 0.33 }  # train on 64x64 windows, a third of them
+//!                             # centred on kidney or tumor (nnU-Net's rule); absent: whole
+//!                             # slices. A multiple of 32; validation sees whole slices.
 //! augment = { flip-horizontal = 0.5, flip-vertical = 0.5 }
 //! init-from = "train"         # continue from another train stage's weights
 //! pretrained = "vgg16.safetensors"  # FCN only: ImageNet VGG16 encoder weights
 //!                             # (torchvision names), loaded and frozen
 //! backend = "cpu"             # or "gpu" (burn-wgpu; build with `--features gpu`)
+//! precision = "f32"           # GPU only: or "flex32" (f32 storage, f16 tiles), "f16"
 //! keep = "best"               # weights of the best epoch by `select`; or "last"
 //! select = { metric = "val-iou", mode = "max" }
 //! seed = 7                    # optional: instead of the pipeline seed (replicates)
@@ -45,9 +49,9 @@ use serde::{Deserialize, Serialize};
 
 use super::split::SplitFile;
 use super::{CheckContext, Inputs, ParamIssue, RunContext, Stage, StageError, StageRef};
-use crate::backend::{self, BackendKind};
+use crate::backend::{self, BackendKind, Precision};
 use crate::data::augment::Augment;
-use crate::data::loader::{Shuffle, slices_of};
+use crate::data::loader::{Patch, Shuffle, slices_of};
 use crate::data::slices::SliceStore;
 use crate::hint::Message;
 use crate::models::{KeptEpoch, ModelConfig, ModelFile, ModelKind};
@@ -95,9 +99,14 @@ pub struct Train {
     #[serde(default)]
     pub augment: Augment,
     #[serde(default)]
+    pub patch: Option<Patch>,
+    #[serde(default)]
     pub init_from: Option<StageRef>,
     #[serde(default)]
     pub backend: BackendKind,
+    /// The GPU backend's float precision ("f32", "flex32", "f16"); the CPU computes in f32.
+    #[serde(default)]
+    pub precision: Precision,
     /// Cross-validation fold of a `folds = k` split (`split.test` is fold i).
     #[serde(default)]
     pub fold: Option<usize>,
@@ -145,15 +154,20 @@ fn default_loss_weights() -> [f32; 2] {
 
 impl Stage for Train {
     const KIND: &'static str = "train";
-    const USES_DEVICE: bool = true;
     const SWEEPABLE: bool = true;
+
+    fn backend(&self) -> Option<BackendKind> {
+        Some(self.backend)
+    }
 
     fn key_params(&self) -> serde_json::Value {
         super::omit_unset(
             serde_json::to_value(self).unwrap_or_default(),
             &[
                 ("fold", serde_json::Value::Null),
+                ("precision", serde_json::json!("f32")),
                 ("pretrained", serde_json::Value::Null),
+                ("patch", serde_json::Value::Null),
                 ("seed", serde_json::Value::Null),
             ],
         )
@@ -206,11 +220,17 @@ impl Stage for Train {
         if self.batch_size == 0 {
             issues.push(ParamIssue::new("batch-size", "must be at least 1"));
         }
+        if let Some(why) = self.precision.unsupported_on(self.backend) {
+            issues.push(ParamIssue::new("precision", why));
+        }
         if let Some(why) = self.learning_rate.check() {
             issues.push(ParamIssue::new("learning-rate", why));
         }
         if self.shuffle_buffer == Some(0) {
             issues.push(ParamIssue::new("shuffle-buffer", "must be at least 1"));
+        }
+        if let Some(why) = self.patch.as_ref().and_then(Patch::check) {
+            issues.push(ParamIssue::new("patch", why));
         }
         for (k, why) in self.augment.check() {
             issues.push(ParamIssue::new(format!("augment.{k}"), why));
@@ -237,7 +257,24 @@ impl Stage for Train {
     }
 
     fn check_inputs(&self, input: &Inputs<'_>) -> Vec<ParamIssue> {
-        super::split::check_fold(self.fold, &self.train, input)
+        let mut issues = super::split::check_fold(self.fold, &self.train, input);
+        let slice_size = input(&self.slices)
+            .and_then(|st| st.params().get("size").and_then(serde_json::Value::as_u64));
+        if let (Some(p), Some(size)) = (self.patch, slice_size) {
+            // every network's input size must be a multiple of this
+            let m = ModelConfig::SIZE_MULTIPLE;
+            if p.size as u64 > size || !p.size.is_multiple_of(m) {
+                issues.push(ParamIssue::new(
+                    "patch.size",
+                    format!(
+                        "a patch of {} does not fit `{}`'s slices of {size}: it must be at most the slice size and a multiple of {m}",
+                        p.size,
+                        self.slices.stage()
+                    ),
+                ));
+            }
+        }
+        issues
     }
 
     fn inputs(&self) -> Vec<(String, &StageRef)> {
@@ -284,7 +321,8 @@ impl Stage for Train {
             Some(r) => Some(ctx.input(r)?.join("model.safetensors")),
             None => None,
         };
-        let device = backend::device(self.backend, ctx.device).map_err(StageError::Advised)?;
+        let device = backend::device(self.backend, ctx.device, self.precision)
+            .map_err(StageError::Advised)?;
         let job = Fit {
             model: model.clone(),
             epochs: self.epochs,
@@ -299,6 +337,7 @@ impl Stage for Train {
             },
             shuffle: self.shuffle_buffer.map_or(Shuffle::Full, Shuffle::Buffer),
             augment: &self.augment,
+            patch: self.patch,
             init_from,
             pretrained: self.pretrained.as_ref().map(|p| ctx.pipeline_dir.join(p)),
             device,

@@ -4,7 +4,7 @@
 
 use burn::nn::loss::CrossEntropyLossConfig;
 use burn::tensor::activation::softmax;
-use burn::tensor::{Int, Tensor, TensorData};
+use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -27,8 +27,11 @@ pub struct Loss {
 }
 
 impl Loss {
-    /// The loss of `logits` `[n, 3, h, w]` against `labels` (`n * h * w`, row-major).
+    /// The loss of `logits` `[n, 3, h, w]` against `labels` (`n * h * w`, row-major),
+    /// computed in f32 whatever the precision of the logits (a 16-bit softmax and sums
+    /// over a whole batch lose the small classes).
     pub fn forward(&self, logits: Tensor<4>, labels: &[u8]) -> Tensor<1> {
+        let logits = logits.cast(FloatDType::F32);
         let [n, c, h, w] = logits.dims();
         let device = logits.device();
         let ce = || {
@@ -58,13 +61,15 @@ impl Loss {
             if count == 0.0 {
                 return Tensor::<1>::zeros([1], &device);
             }
-            let t = Tensor::<4>::from_data(TensorData::new(onehot, [n, c, h, w]), &device);
+            let t = Tensor::<4>::from_data(TensorData::new(onehot, [n, c, h, w]), &device)
+                .cast(FloatDType::F32);
             let p = softmax(logits.clone(), 1);
             let sum = |x: Tensor<4>| x.sum_dim(0).sum_dim(2).sum_dim(3).reshape([c]);
             let inter = sum(p.clone() * t.clone());
             let denom = sum(p) + sum(t);
             let dice = (inter * 2.0 + 1.0) / (denom + 1.0);
-            let mask = Tensor::<1>::from_data(TensorData::new(present[..c].to_vec(), [c]), &device);
+            let mask = Tensor::<1>::from_data(TensorData::new(present[..c].to_vec(), [c]), &device)
+                .cast(FloatDType::F32);
             ((dice * mask).sum() * (-1.0 / count) + 1.0).reshape([1])
         };
         match self.kind {

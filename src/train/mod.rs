@@ -16,12 +16,12 @@ use std::time::Instant;
 
 use burn::module::Module;
 use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
-use burn::store::{ModuleSnapshot, SafetensorsStore};
-use burn::tensor::{Device, Tensor, TensorData};
+use burn::store::{FloatCastAdapter, ModuleSnapshot, SafetensorsStore};
+use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::{Augment, Mixup};
-use crate::data::loader::{Shuffle, SliceId, batch, epoch_order};
+use crate::data::loader::{Batch, Patch, Sampling, Shuffle, SliceId, batch, epoch_order};
 use crate::data::slices::SliceStore;
 use crate::metrics::SliceScores;
 use crate::models::{ModelConfig, Network};
@@ -39,6 +39,26 @@ pub enum TrainError {
     },
     #[error("{0}")]
     Data(String),
+    #[error(
+        "the training loss became {loss} at epoch {epoch}, step {step} (learning rate {lr}): training stopped there"
+    )]
+    NonFinite {
+        epoch: usize,
+        step: usize,
+        loss: f32,
+        lr: f64,
+    },
+}
+
+impl crate::hint::Hint for TrainError {
+    fn hint(&self) -> Option<String> {
+        match self {
+            TrainError::NonFinite { .. } => Some(
+                "lower the learning rate (or add warmup-epochs); on the GPU with a 16-bit precision, try precision = \"f32\"".into(),
+            ),
+            _ => None,
+        }
+    }
 }
 
 fn file_err(action: &'static str, path: &Path) -> impl FnOnce(String) -> TrainError {
@@ -57,6 +77,8 @@ pub struct Fit<'a> {
     pub loss: Loss,
     pub shuffle: Shuffle,
     pub augment: &'a Augment,
+    /// Train on patches of the slices instead of whole slices.
+    pub patch: Option<Patch>,
     /// Weights (safetensors) to start from.
     pub init_from: Option<PathBuf>,
     /// FCN: VGG16 encoder weights to load and freeze.
@@ -196,7 +218,7 @@ pub fn fit(
         None => {}
     }
     if let Some(path) = &f.init_from {
-        let mut st = SafetensorsStore::from_file(path.clone());
+        let mut st = weights_store(path, &device);
         model
             .load_from(&mut st)
             .map_err(|e| file_err("load weights from", path)(e.to_string()))?;
@@ -228,18 +250,19 @@ pub fn fit(
         let started = Instant::now();
         let mut loss_sum = 0.0;
         for (b, ids) in order.chunks(f.batch_size).enumerate() {
-            let aug = (!f.augment.is_identity()).then_some((
-                f.augment,
-                f.seed,
+            let sampling = Sampling {
+                augment: f.augment,
+                patch: f.patch,
+                seed: f.seed,
                 epoch,
-                b * f.batch_size,
-                train,
-            ));
-            let data = batch(store, ids, aug).map_err(|e| TrainError::Data(e.to_string()))?;
+                pool: train,
+            };
+            let data = batch(store, ids, Some((sampling, b * f.batch_size)))
+                .map_err(|e| TrainError::Data(e.to_string()))?;
             let mixup = f.augment.mixup.as_ref();
             let loss = match mixup.and_then(|m| m.draw(f.seed, epoch, b, data.len)) {
                 None => {
-                    let x = images_tensor(store, &data.images, data.len, &device);
+                    let x = batch_tensor(store, &data, &data.images, &device);
                     f.loss.forward(model.forward(x), &data.labels)
                 }
                 Some((lambda, perm)) => {
@@ -250,13 +273,23 @@ pub fn fit(
                         .iter()
                         .flat_map(|&j| data.labels[j * pixels..][..pixels].iter().copied())
                         .collect();
-                    let logits = model.forward(images_tensor(store, &mixed, data.len, &device));
+                    let logits = model.forward(batch_tensor(store, &data, &mixed, &device));
                     f.loss.forward(logits.clone(), &data.labels) * lambda
                         + f.loss.forward(logits, &other) * (1.0 - lambda)
                 }
             };
             drawing.take(); // every weight is drawn
-            loss_sum += f64::from(loss.clone().into_scalar::<f32>()) * data.len as f64;
+            let value = loss.clone().into_scalar::<f32>();
+            if !value.is_finite() {
+                // a step on it would poison every weight: stop before it
+                return Err(TrainError::NonFinite {
+                    epoch: epoch + 1,
+                    step: b + 1,
+                    loss: value,
+                    lr,
+                });
+            }
+            loss_sum += f64::from(value) * data.len as f64;
             let grads = GradientsParams::from_grads(loss.backward(), &model);
             model = optim.step(lr, model, grads);
             let done = epoch as u64 * batches_per_epoch + b as u64 + 1;
@@ -332,7 +365,10 @@ pub fn fit(
 
 /// Saves inference weights as canonical safetensors.
 fn save_weights(model: &Network, path: &Path) -> Result<(), TrainError> {
-    let mut st = SafetensorsStore::from_file(path.to_path_buf()).overwrite(true);
+    // f32 on disk whatever the precision trained in: evaluate and predict load any
+    let mut st = SafetensorsStore::from_file(path.to_path_buf())
+        .overwrite(true)
+        .with_to_adapter(FloatCastAdapter::to(DType::F32));
     model
         .clone()
         .save_into(&mut st)
@@ -376,15 +412,22 @@ pub fn images_tensor_sized(
     size: usize,
     device: &Device,
 ) -> Tensor<4> {
+    // in the device's precision (data arrives as f32; a no-op on an f32 device)
     Tensor::<4>::from_data(
         TensorData::new(images.to_vec(), [n, channels, size, size]),
         device,
     )
+    .cast(device.settings().float_dtype)
+}
+
+/// `images` (a batch's, or a mix of them) as a tensor shaped like `data`'s images.
+fn batch_tensor(store: &SliceStore, data: &Batch, images: &[f32], device: &Device) -> Tensor<4> {
+    images_tensor_sized(images, data.len, store.meta.channels, data.size, device)
 }
 
 pub fn images_tensor(store: &SliceStore, images: &[f32], n: usize, device: &Device) -> Tensor<4> {
     let (c, s) = (store.meta.channels, store.meta.size);
-    Tensor::<4>::from_data(TensorData::new(images.to_vec(), [n, c, s, s]), device)
+    images_tensor_sized(images, n, c, s, device)
 }
 
 /// Loss and scores of `model` on `slices` (no augmentation, in store order).
@@ -418,6 +461,15 @@ pub fn validate(
     Ok((loss_sum / slices.len().max(1) as f64, scores))
 }
 
+/// Weights (f32 on disk) to load into a network on `device`, cast to its precision.
+fn weights_store(path: &Path, device: &Device) -> SafetensorsStore {
+    let st = SafetensorsStore::from_file(path.to_path_buf());
+    match device.settings().float_dtype {
+        FloatDType::F16 => st.with_from_adapter(FloatCastAdapter::to(DType::F16)),
+        _ => st,
+    }
+}
+
 /// A trained network and its `model.json`, from a train artifact, on `device`.
 pub fn load_network(
     dir: &Path,
@@ -430,7 +482,7 @@ pub fn load_network(
         serde_json::from_str(&text).map_err(|e| file_err("read", &path)(e.to_string()))?;
     let mut net = file.model.init(device);
     let weights = dir.join("model.safetensors");
-    let mut st = SafetensorsStore::from_file(weights.clone());
+    let mut st = weights_store(&weights, device);
     net.load_from(&mut st)
         .map_err(|e| file_err("load weights from", &weights)(e.to_string()))?;
     Ok((net, file))

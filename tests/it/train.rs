@@ -332,3 +332,23 @@ fn train_out_of(p: &Project, digest: &str) -> std::path::PathBuf {
         .expect("the entry")
         .join("out/metrics.csv")
 }
+
+#[test]
+fn a_loss_that_is_not_finite_stops_the_training_and_says_where() {
+    let p = Project::new();
+    p.write(
+        "p.toml",
+        &tiny().replace("learning-rate = 3e-3", "learning-rate = 1e30"),
+    );
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the training loss became"), "{err}");
+    assert!(err.contains("at epoch 1, step 2"), "{err}");
+    assert!(err.contains("hint: lower the learning rate"), "{err}");
+    assert!(
+        p.entries()
+            .iter()
+            .all(|e| !e.join("out/model.safetensors").exists()),
+        "no model is cached"
+    );
+}
