@@ -5,9 +5,9 @@
 //! spine with a spinal canal, the aorta, and two kidneys with enhancing cortex and a
 //! darker medulla (10 to 14 cm long); every case carries a heterogeneous, enhancing tumor
 //! of 2 to 10 cm in or on one kidney (endophytic or exophytic), as every KiTS19 case
-//! has one. Sizes, positions, spacing and contrast vary per case; noise is Gaussian. Labels follow
-//! KiTS19: 0 background, 1 kidney, 2 tumor. The kidneys span roughly a third of the
-//! slices, as in real data (36% of slices show kidney or tumor).
+//! has one. Sizes, positions, spacing and contrast vary per case; noise is Gaussian.
+//! Labels follow KiTS19: 0 background, 1 kidney, 2 tumor. The kidneys span roughly a
+//! third of the slices, as in real data (36% of slices show kidney or tumor).
 //!
 //! Layout and conventions match KiTS19: `case_XXXXX/imaging.nii.gz` (float32 HU) and
 //! `segmentation.nii.gz` (uint8), NIfTI dims (slices, rows, columns) with the slice axis
