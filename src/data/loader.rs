@@ -199,6 +199,33 @@ pub fn batch(
     })
 }
 
+/// The batches of an epoch (`order` in chunks of `batch_size`, drawn as `sampling` says),
+/// in order, assembled by a thread of `scope` up to `ahead` batches before they are
+/// needed, so that reading, augmenting and cropping overlap the training step. They are
+/// the batches [`batch`] gives in line: each sample's draws depend only on the seed, the
+/// epoch and its position. The thread stops after an error, or when the receiver goes.
+pub fn prefetch<'scope, 'env>(
+    scope: &'scope std::thread::Scope<'scope, 'env>,
+    store: &'env SliceStore,
+    order: &'env [SliceId],
+    batch_size: usize,
+    sampling: Sampling<'env>,
+    ahead: usize,
+) -> std::sync::mpsc::Receiver<Result<Batch, StoreError>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(ahead.max(1));
+    let batch_size = batch_size.max(1);
+    scope.spawn(move || {
+        for (b, ids) in order.chunks(batch_size).enumerate() {
+            let next = batch(store, ids, Some((sampling, b * batch_size)));
+            let failed = next.is_err();
+            if tx.send(next).is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

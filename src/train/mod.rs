@@ -21,7 +21,7 @@ use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
 
 use crate::data::augment::{Augment, Mixup};
-use crate::data::loader::{Batch, Patch, Sampling, Shuffle, SliceId, batch, epoch_order};
+use crate::data::loader::{Batch, Patch, Sampling, Shuffle, SliceId, batch, epoch_order, prefetch};
 use crate::data::slices::SliceStore;
 use crate::metrics::SliceScores;
 use crate::models::{ModelConfig, Network};
@@ -248,64 +248,70 @@ pub fn fit(
         let lr = f.learning_rate.at(epoch, f.epochs, f.warmup_epochs);
         let order = epoch_order(train, f.shuffle, f.seed, epoch);
         let started = Instant::now();
-        let mut loss_sum = 0.0;
-        for (b, ids) in order.chunks(f.batch_size).enumerate() {
-            let sampling = Sampling {
-                augment: f.augment,
-                patch: f.patch,
-                seed: f.seed,
-                epoch,
-                pool: train,
-            };
-            let data = batch(store, ids, Some((sampling, b * f.batch_size)))
-                .map_err(|e| TrainError::Data(e.to_string()))?;
-            let mixup = f.augment.mixup.as_ref();
-            let loss = match mixup.and_then(|m| m.draw(f.seed, epoch, b, data.len)) {
-                None => {
-                    let x = batch_tensor(store, &data, &data.images, &device);
-                    f.loss.forward(model.forward(x), &data.labels)
+        let sampling = Sampling {
+            augment: f.augment,
+            patch: f.patch,
+            seed: f.seed,
+            epoch,
+            pool: train,
+        };
+        // the loader runs a batch or two ahead on a thread of its own
+        let stepped = std::thread::scope(|scope| -> Result<_, TrainError> {
+            let (mut model, mut optim, mut loss_sum) = (model, optim, 0.0);
+            let batches = prefetch(scope, store, &order, f.batch_size, sampling, 2);
+            for (b, data) in batches.into_iter().enumerate() {
+                let data = data.map_err(|e| TrainError::Data(e.to_string()))?;
+                let mixup = f.augment.mixup.as_ref();
+                let loss = match mixup.and_then(|m| m.draw(f.seed, epoch, b, data.len)) {
+                    None => {
+                        let x = batch_tensor(store, &data, &data.images, &device);
+                        f.loss.forward(model.forward(x), &data.labels)
+                    }
+                    Some((lambda, perm)) => {
+                        let per = data.images.len() / data.len;
+                        let mixed = Mixup::mix(&data.images, per, lambda, &perm);
+                        let pixels = data.labels.len() / data.len;
+                        let other: Vec<u8> = perm
+                            .iter()
+                            .flat_map(|&j| data.labels[j * pixels..][..pixels].iter().copied())
+                            .collect();
+                        let logits = model.forward(batch_tensor(store, &data, &mixed, &device));
+                        f.loss.forward(logits.clone(), &data.labels) * lambda
+                            + f.loss.forward(logits, &other) * (1.0 - lambda)
+                    }
+                };
+                drawing.take(); // every weight is drawn
+                let value = loss.clone().into_scalar::<f32>();
+                if !value.is_finite() {
+                    // a step on it would poison every weight: stop before it
+                    return Err(TrainError::NonFinite {
+                        epoch: epoch + 1,
+                        step: b + 1,
+                        loss: value,
+                        lr,
+                    });
                 }
-                Some((lambda, perm)) => {
-                    let per = data.images.len() / data.len;
-                    let mixed = Mixup::mix(&data.images, per, lambda, &perm);
-                    let pixels = data.labels.len() / data.len;
-                    let other: Vec<u8> = perm
-                        .iter()
-                        .flat_map(|&j| data.labels[j * pixels..][..pixels].iter().copied())
-                        .collect();
-                    let logits = model.forward(batch_tensor(store, &data, &mixed, &device));
-                    f.loss.forward(logits.clone(), &data.labels) * lambda
-                        + f.loss.forward(logits, &other) * (1.0 - lambda)
-                }
-            };
-            drawing.take(); // every weight is drawn
-            let value = loss.clone().into_scalar::<f32>();
-            if !value.is_finite() {
-                // a step on it would poison every weight: stop before it
-                return Err(TrainError::NonFinite {
-                    epoch: epoch + 1,
-                    step: b + 1,
-                    loss: value,
-                    lr,
-                });
+                loss_sum += f64::from(value) * data.len as f64;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(lr, model, grads);
+                let done = epoch as u64 * batches_per_epoch + b as u64 + 1;
+                let rate = ((b + 1) * f.batch_size).min(order.len()) as f64
+                    / started.elapsed().as_secs_f64().max(1e-9);
+                report(
+                    done,
+                    total,
+                    format!(
+                        "epoch {}/{} loss {:.4} {rate:.1} slices/s",
+                        epoch + 1,
+                        f.epochs,
+                        loss_sum / ((b + 1) * f.batch_size).min(order.len()) as f64
+                    ),
+                );
             }
-            loss_sum += f64::from(value) * data.len as f64;
-            let grads = GradientsParams::from_grads(loss.backward(), &model);
-            model = optim.step(lr, model, grads);
-            let done = epoch as u64 * batches_per_epoch + b as u64 + 1;
-            let rate = ((b + 1) * f.batch_size).min(order.len()) as f64
-                / started.elapsed().as_secs_f64().max(1e-9);
-            report(
-                done,
-                total,
-                format!(
-                    "epoch {}/{} loss {:.4} {rate:.1} slices/s",
-                    epoch + 1,
-                    f.epochs,
-                    loss_sum / ((b + 1) * f.batch_size).min(order.len()) as f64
-                ),
-            );
-        }
+            Ok((model, optim, loss_sum))
+        })?;
+        let loss_sum;
+        (model, optim, loss_sum) = stepped;
         let train_loss = loss_sum / order.len() as f64;
         let (val_loss, scores) = validate(&model.valid(), store, val, f.batch_size, &f.loss)?;
         let s = scores.summary();
