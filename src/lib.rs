@@ -17,6 +17,7 @@ pub mod figures;
 pub mod files;
 pub mod graph;
 pub mod hint;
+pub mod kernels;
 pub mod metrics;
 pub mod models;
 pub mod predict;
@@ -29,8 +30,9 @@ pub mod verify;
 /// The layers, lowest first: a module may use only the modules before it.
 #[cfg(test)]
 const LAYERS: &[&str] = &[
-    "files", "hint", "schema", "backend", "figures", "cache", "data", "metrics", "models", "train",
-    "predict", "stages", "config", "graph", "exec", "slurm", "verify", "fetch", "bench", "cli",
+    "kernels", "files", "hint", "schema", "backend", "figures", "cache", "data", "metrics",
+    "models", "train", "predict", "stages", "config", "graph", "exec", "slurm", "verify", "fetch",
+    "bench", "cli",
 ];
 
 #[cfg(test)]

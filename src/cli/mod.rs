@@ -128,6 +128,7 @@ impl CliError {
 
 /// Parses the arguments, runs the command, and returns the exit code.
 pub fn main() -> i32 {
+    crate::backend::keep_freed_memory();
     let cli = Cli::parse();
     init_logging(cli.global.verbose);
     match dispatch(&cli) {

@@ -26,12 +26,11 @@ impl ConvBnRelu {
     }
 
     pub fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        let x = self.conv.forward(x);
-        let x = match &self.norm {
-            Some(n) => n.forward(x),
-            None => x,
-        };
-        self.relu.forward(x)
+        let x = super::ops::conv2d(&self.conv, x);
+        match &self.norm {
+            Some(n) => super::ops::batch_norm(n, x, true),
+            None => self.relu.forward(x),
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::{Device, Tensor, TensorData};
 
 use super::blocks::{ConvBnRelu, up_conv};
+use super::ops;
 
 /// An FCN-8s's shape: `FcnConfig::new(in_channels, base).with_v2(true).init(&device)`.
 #[derive(Config, Debug)]
@@ -111,7 +112,7 @@ impl Fcn {
         }
         let mut x = self.fc.forward(x);
         for (i, up) in self.up.iter().enumerate() {
-            x = up.forward(x);
+            x = ops::conv_transpose2d(up, x);
             if i + 1 == self.up.len() {
                 break; // logits
             }

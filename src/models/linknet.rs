@@ -11,6 +11,7 @@ use burn::nn::{BatchNorm, BatchNormConfig, PaddingConfig2d, Relu};
 use burn::tensor::{Device, Tensor};
 
 use super::blocks::{ConvBnRelu, up_conv};
+use super::ops;
 
 /// A LinkNet's shape: `LinkNetConfig::new(in_channels, base).init(&device)`.
 #[derive(Config, Debug)]
@@ -33,7 +34,7 @@ pub struct ConvBn {
 
 impl ConvBn {
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
-        self.norm.forward(self.conv.forward(x))
+        ops::batch_norm(&self.norm, ops::conv2d(&self.conv, x), false)
     }
 }
 
@@ -104,7 +105,7 @@ impl DecoderBlock {
 
     fn forward(&self, x: Tensor<4>) -> Tensor<4> {
         let x = self.reduce.forward(x);
-        let x = self.relu.forward(self.norm.forward(self.up.forward(x)));
+        let x = ops::batch_norm(&self.norm, ops::conv_transpose2d(&self.up, x), true);
         self.expand.forward(x)
     }
 }
@@ -183,10 +184,12 @@ impl LinkNet {
                 d = d + encoded[2 - i].clone();
             }
         }
-        let d = self
-            .relu
-            .forward(self.final_norm.forward(self.final_up.forward(d)));
+        let d = ops::batch_norm(
+            &self.final_norm,
+            ops::conv_transpose2d(&self.final_up, d),
+            true,
+        );
         let d = self.final_conv.forward(d);
-        self.head.forward(d)
+        ops::conv_transpose2d(&self.head, d)
     }
 }

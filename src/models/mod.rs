@@ -12,6 +12,7 @@
 pub mod blocks;
 pub mod fcn;
 pub mod linknet;
+pub mod ops;
 pub mod unet;
 
 use burn::module::Module;

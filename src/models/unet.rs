@@ -14,6 +14,7 @@ use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::{Device, Tensor};
 
 use super::blocks::{ConvBnRelu, up_conv};
+use super::ops;
 
 /// A U-Net's shape: `UNetConfig::new(in_channels, base).with_batch_norm(true).init(&device)`.
 #[derive(Config, Debug)]
@@ -109,9 +110,9 @@ impl UNet {
         let mut x = self.bottom.forward(x);
         for (up, conv) in self.ups.iter().zip(&self.up_convs) {
             let skip = skips.pop().expect("one skip per level");
-            let u = self.relu.forward(up.forward(x));
+            let u = self.relu.forward(ops::conv_transpose2d(up, x));
             x = conv.forward(Tensor::cat(vec![skip, u], 1));
         }
-        self.head.forward(x)
+        ops::conv2d(&self.head, x)
     }
 }

@@ -1,0 +1,257 @@
+//! 2x2 transposed convolutions with stride 2 (the U-Net's up-sampling): each input pixel
+//! becomes a 2x2 block of the output, so the forward pass is one GEMM `W^T x` per band of
+//! input rows and a shuffle of its `co*4` rows into the blocks; the gradients gather the
+//! blocks back ("unshuffle") and run one GEMM each.
+//!
+//! Weights are burn's and PyTorch's `[ci, co, 2, 2]`, read as a `[ci, co*4]` matrix.
+
+use rayon::prelude::*;
+
+use super::conv::{Bands, band_rows};
+use super::gemm::{gemm, gemm_ptr, mat};
+use super::{Nchw, REDUCE_GROUPS, Shared, band, filled, reduce_in_order, scratch, with_scratch};
+
+/// The `co*4 x (r1-r0)*w` blocks of input rows `r0..r1` of image `n` from the output
+/// batch `dy` (`[s.n, co, 2h, 2w]`, `s` the input's shape): row `o*4 + a*2 + b`, column
+/// `(r-r0)*w + j` is `dy[n, o, 2r+a, 2j+b]`.
+fn unshuffle(dy: &[f32], co: usize, s: Nchw, n: usize, (r0, r1): (usize, usize), u: &mut [f32]) {
+    let (h, w) = (s.h, s.w);
+    let dy = &dy[n * co * 4 * h * w..][..co * 4 * h * w];
+    let px = (r1 - r0) * w;
+    let (oh, ow) = (2 * h, 2 * w);
+    for o in 0..co {
+        for a in 0..2 {
+            for b in 0..2 {
+                let row = &mut u[((o * 4) + a * 2 + b) * px..][..px];
+                for (i, r) in (r0..r1).enumerate() {
+                    let src = &dy[(o * oh + 2 * r + a) * ow..][..ow];
+                    for (d, s) in row[i * w..(i + 1) * w]
+                        .iter_mut()
+                        .zip(src[b..].iter().step_by(2))
+                    {
+                        *d = *s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `y = conv_transpose(x, weight) + bias`: `x` of shape `s`, `weight` `[s.c, co, 2, 2]`;
+/// `y` is `[s.n, co, 2 s.h, 2 s.w]`.
+pub fn forward(x: &[f32], s: Nchw, weight: &[f32], co: usize, bias: Option<&[f32]>) -> Vec<f32> {
+    let rows = band_rows(s.c.max(co * 4), s.h, s.w);
+    forward_in_bands(x, s, weight, co, bias, rows)
+}
+
+fn forward_in_bands(
+    x: &[f32],
+    s: Nchw,
+    weight: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+    rows: usize,
+) -> Vec<f32> {
+    assert_eq!(x.len(), s.len(), "input does not match its shape");
+    assert_eq!(weight.len(), s.c * co * 4, "weight is not [ci, co, 2, 2]");
+    let plane = s.plane();
+    if let Some(b) = bias {
+        assert_eq!(b.len(), co, "bias is not [co]");
+    }
+    let bands = Bands::new(rows, s.h);
+    let wt = mat(weight, s.c, co * 4).t();
+    let (oh, ow) = (2 * s.h, 2 * s.w);
+    let run = |out: Shared| {
+        (0..s.n * bands.count).into_par_iter().for_each(|i| {
+            with_scratch(|t, _| {
+                let (n, r0, r1) = bands.item(i);
+                let px = (r1 - r0) * s.w;
+                let rhs = band(x, s, n, r0, r1);
+                let t = scratch(t, co * 4 * px);
+                gemm(t, px, 1, wt, rhs, false);
+                for o in 0..co {
+                    let b = bias.map_or(0.0, |b| b[o]);
+                    // SAFETY: output rows 2*r0..2*r1 of channel o of image n: inside `y`
+                    // (checked length), and no other item's rows.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(
+                            out.ptr().add(((n * co + o) * oh + 2 * r0) * ow),
+                            2 * (r1 - r0) * ow,
+                        )
+                    };
+                    for a in 0..2 {
+                        for bb in 0..2 {
+                            let src = &t[(o * 4 + a * 2 + bb) * px..][..px];
+                            for (i, line) in src.chunks_exact(s.w).enumerate() {
+                                let row = &mut dst[(2 * i + a) * ow..][..ow];
+                                for (d, v) in row[bb..].iter_mut().step_by(2).zip(line) {
+                                    *d = v + b;
+                                }
+                            }
+                        }
+                    }
+                }
+            });
+        });
+    };
+    // SAFETY: the bands cover every input row of every image once; each writes both
+    // output rows of each of its input rows, all four positions of each 2x2 block, for
+    // every channel.
+    unsafe { filled(s.n * co * 4 * plane, run) }
+}
+
+/// The input's gradient `[n, ci, h, w]` from `dy` (`[s.n, co, 2 s.h, 2 s.w]`; `s` is the
+/// input's shape), `weight` `[s.c, co, 2, 2]`.
+pub fn backward_input(dy: &[f32], s: Nchw, weight: &[f32], co: usize) -> Vec<f32> {
+    let rows = band_rows(co * 4, s.h, s.w);
+    backward_input_in_bands(dy, s, weight, co, rows)
+}
+
+fn backward_input_in_bands(
+    dy: &[f32],
+    s: Nchw,
+    weight: &[f32],
+    co: usize,
+    rows: usize,
+) -> Vec<f32> {
+    let plane = s.plane();
+    assert_eq!(
+        dy.len(),
+        s.n * co * 4 * plane,
+        "gradient does not match its shape"
+    );
+    assert_eq!(weight.len(), s.c * co * 4, "weight is not [ci, co, 2, 2]");
+    let bands = Bands::new(rows, s.h);
+    let wm = mat(weight, s.c, co * 4);
+    let run = |out: Shared| {
+        (0..s.n * bands.count).into_par_iter().for_each(|i| {
+            with_scratch(|u, _| {
+                let (n, r0, r1) = bands.item(i);
+                let px = (r1 - r0) * s.w;
+                let u = scratch(u, co * 4 * px);
+                unshuffle(dy, co, s, n, (r0, r1), u);
+                // SAFETY: rows c < ci, columns < px of this band of image n, inside `dx`,
+                // written by this item alone.
+                unsafe {
+                    gemm_ptr(
+                        out.ptr().add(n * s.c * plane + r0 * s.w),
+                        plane,
+                        1,
+                        wm,
+                        mat(u, co * 4, px),
+                        false,
+                    );
+                }
+            });
+        });
+    };
+    // SAFETY: the bands cover every row of every image once, and each GEMM writes all
+    // `ci` channels of its band without reading them.
+    unsafe { filled(s.len(), run) }
+}
+
+/// The weights' gradient `[s.c, co, 2, 2]`: `x` of shape `s`, `dy` `[s.n, co, 2 s.h, 2 s.w]`.
+pub fn backward_weight(x: &[f32], s: Nchw, dy: &[f32], co: usize) -> Vec<f32> {
+    let rows = band_rows(s.c.max(co * 4), s.h, s.w);
+    backward_weight_in_bands(x, s, dy, co, rows)
+}
+
+fn backward_weight_in_bands(x: &[f32], s: Nchw, dy: &[f32], co: usize, rows: usize) -> Vec<f32> {
+    let plane = s.plane();
+    assert_eq!(x.len(), s.len(), "input does not match its shape");
+    assert_eq!(
+        dy.len(),
+        s.n * co * 4 * plane,
+        "gradient does not match its shape"
+    );
+    let bands = Bands::new(rows, s.h);
+    let items = s.n * bands.count;
+    if items == 0 || plane == 0 {
+        return vec![0.0; s.c * co * 4];
+    }
+    let groups = REDUCE_GROUPS.min(items);
+    let parts = (0..groups)
+        .into_par_iter()
+        .map(|g| {
+            let mut acc = vec![0.0; s.c * co * 4];
+            with_scratch(|u, _| {
+                for (j, i) in (g * items / groups..(g + 1) * items / groups).enumerate() {
+                    let (n, r0, r1) = bands.item(i);
+                    let px = (r1 - r0) * s.w;
+                    let u = scratch(u, co * 4 * px);
+                    unshuffle(dy, co, s, n, (r0, r1), u);
+                    let lhs = band(x, s, n, r0, r1);
+                    gemm(&mut acc, co * 4, 1, lhs, mat(u, co * 4, px).t(), j > 0);
+                }
+            });
+            acc
+        })
+        .collect();
+    reduce_in_order(parts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::testing::{adjoint, rel_err, values};
+
+    fn naive(x: &[f32], s: Nchw, w: &[f32], co: usize, b: &[f32]) -> Vec<f32> {
+        let (oh, ow) = (2 * s.h, 2 * s.w);
+        let mut y = vec![0.0f64; s.n * co * oh * ow];
+        for n in 0..s.n {
+            for o in 0..co {
+                for r in 0..oh {
+                    for j in 0..ow {
+                        y[((n * co + o) * oh + r) * ow + j] = b[o] as f64;
+                    }
+                }
+                for i in 0..s.c {
+                    for r in 0..s.h {
+                        for j in 0..s.w {
+                            for a in 0..2 {
+                                for bb in 0..2 {
+                                    y[((n * co + o) * oh + 2 * r + a) * ow + 2 * j + bb] += (x
+                                        [((n * s.c + i) * s.h + r) * s.w + j]
+                                        * w[((i * co + o) * 2 + a) * 2 + bb])
+                                        as f64;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        y.into_iter().map(|v| v as f32).collect()
+    }
+
+    #[test]
+    fn forward_and_gradients_match_the_definition() {
+        for rows in [1, 2, 100] {
+            let s = Nchw {
+                n: 2,
+                c: 3,
+                h: 4,
+                w: 5,
+            };
+            let co = 2;
+            let x = values(s.len(), 1);
+            let w = values(s.c * co * 4, 2);
+            let b = values(co, 3);
+            let olen = s.n * co * 4 * s.plane();
+            let y = forward_in_bands(&x, s, &w, co, Some(&b), rows);
+            assert!(
+                rel_err(&y, &naive(&x, s, &w, co, &b)) < 1e-5,
+                "forward rows={rows}"
+            );
+
+            let dy = values(olen, 4);
+            let zero_b = vec![0.0; co];
+            let dx = backward_input_in_bands(&dy, s, &w, co, rows);
+            let want = adjoint(s.len(), &dy, |u| naive(u, s, &w, co, &zero_b));
+            assert!(rel_err(&dx, &want) < 1e-5, "input gradient rows={rows}");
+            let dw = backward_weight_in_bands(&x, s, &dy, co, rows);
+            let want = adjoint(w.len(), &dy, |u| naive(&x, s, u, co, &zero_b));
+            assert!(rel_err(&dw, &want) < 1e-5, "weight gradient rows={rows}");
+        }
+    }
+}

@@ -1,0 +1,645 @@
+//! The networks' convolutions: [`crate::kernels`] as burn operations with a backward pass
+//! of their own on the CPU backend (burn-flex, f32), burn's convolutions everywhere else
+//! (the GPU backend, 16-bit floats, shapes the kernels do not cover).
+//!
+//! The modules stay burn's `Conv2d` and `ConvTranspose2d` (same parameters, same
+//! initialisation, same checkpoint keys); only their forward pass goes through
+//! [`conv2d`] and [`conv_transpose2d`] here.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::{FlexTensor, Layout};
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::module::Param;
+use burn::nn::conv::{Conv2d, ConvTranspose2d};
+use burn::nn::{BatchNorm, PaddingConfig2d};
+use burn::tensor::activation;
+use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
+
+use crate::kernels::{self, Nchw};
+
+/// The CPU kernels as backend operations (burn-flex, and autodiff over it).
+#[backend_extension(Flex, Autodiff)]
+pub trait KernelOps: Backend {
+    /// `k x k` convolution, stride 1, 'same' zero padding, `k` odd.
+    fn kp_conv(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// 2x2 transposed convolution, stride 2.
+    fn kp_up2(
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
+    /// `[2, channels]`: each channel's mean and biased variance (not differentiated).
+    fn kp_bn_stats(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// Batch norm with `stats` (`[2, channels]`) and an optional ReLU. Its gradient treats
+    /// `stats` as the batch's own ([`Self::kp_bn_stats`] of `x`), as training uses it.
+    fn kp_bn(
+        x: FloatTensor<Self>,
+        gamma: FloatTensor<Self>,
+        beta: FloatTensor<Self>,
+        stats: FloatTensor<Self>,
+        epsilon: f64,
+        relu: bool,
+    ) -> FloatTensor<Self>;
+}
+
+/// `conv.forward(x)`, on the CPU kernels where they apply.
+pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
+    let [kh, kw] = conv.kernel_size;
+    let p = kh / 2;
+    // 'same' zero padding: with stride 1 and an odd kernel, `Same` is `p` on every side.
+    let same = match conv.padding {
+        PaddingConfig2d::Same => true,
+        PaddingConfig2d::Valid => p == 0,
+        PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r] == [p; 4],
+    };
+    let fits = kh == kw
+        && kh % 2 == 1
+        && conv.stride == [1, 1]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1
+        && same;
+    if !(fits && on_kernels(&x)) {
+        return conv.forward(x);
+    }
+    let bias = bias_or_zeros(&conv.bias, conv.weight.dims()[0], &x.device());
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kp_conv(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// `conv.forward(x)`, on the CPU kernels where they apply.
+pub fn conv_transpose2d(conv: &ConvTranspose2d, x: Tensor<4>) -> Tensor<4> {
+    let fits = conv.kernel_size == [2, 2]
+        && conv.stride == [2, 2]
+        && conv.padding == [0, 0]
+        && conv.padding_out == [0, 0]
+        && conv.dilation == [1, 1]
+        && conv.groups == 1;
+    if !(fits && on_kernels(&x)) {
+        return conv.forward(x);
+    }
+    let bias = bias_or_zeros(&conv.bias, conv.weight.dims()[1], &x.device());
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kp_up2(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// `bn.forward(x)`, followed by a ReLU with `relu`: one fused operation on the CPU
+/// kernels (training with the batch's statistics, or inference with the running ones),
+/// burn's batch norm elsewhere and for a frozen layer on a training device. The running
+/// statistics are updated as burn's `BatchNorm` updates them.
+pub fn batch_norm(bn: &BatchNorm, x: Tensor<4>, relu: bool) -> Tensor<4> {
+    let autodiff = x.device().is_autodiff();
+    let training = autodiff && bn.training.is_enabled();
+    if !on_kernels(&x) || (autodiff && !training) {
+        let y = bn.forward(x);
+        return if relu { activation::relu(y) } else { y };
+    }
+    let device = x.device();
+    let stats = if training {
+        let stats: Tensor<2> = Tensor::from_dispatch(<Dispatch as KernelOps>::kp_bn_stats(
+            x.clone().into_dispatch(),
+        ));
+        let c = stats.dims()[1];
+        let m = bn.momentum;
+        let row = |i: usize| stats.clone().slice([i..i + 1, 0..c]).reshape([c]).detach();
+        let mean = bn
+            .running_mean
+            .value_sync()
+            .to_device(&device)
+            .mul_scalar(1.0 - m)
+            .add(row(0).mul_scalar(m));
+        let var = bn
+            .running_var
+            .value_sync()
+            .to_device(&device)
+            .mul_scalar(1.0 - m)
+            .add(row(1).mul_scalar(m));
+        bn.running_mean.update(mean.detach());
+        bn.running_var.update(var.detach());
+        stats
+    } else {
+        Tensor::stack(vec![bn.running_mean.value(), bn.running_var.value()], 0).to_device(&device)
+    };
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kp_bn(
+        x.into_dispatch(),
+        bn.gamma.val().into_dispatch(),
+        bn.beta.val().into_dispatch(),
+        stats.into_dispatch(),
+        bn.epsilon,
+        relu,
+    ))
+}
+
+/// The module's bias, or zeros (untracked: no gradient goes to them) for one without.
+fn bias_or_zeros(bias: &Option<Param<Tensor<1>>>, channels: usize, device: &Device) -> Tensor<1> {
+    match bias {
+        Some(b) => b.val(),
+        None => Tensor::zeros([channels], device),
+    }
+}
+
+/// Whether `x` lives on burn-flex (with or without autodiff) in f32.
+fn on_kernels(x: &Tensor<4>) -> bool {
+    x.device() == Device::flex() && x.dtype() == DType::F32
+}
+
+/// An f32 tensor's shape and contiguous copy (no copy when it already is one).
+fn contiguous(t: &FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "the CPU kernels take f32 tensors");
+    t.to_contiguous()
+}
+
+fn floats(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("a contiguous f32 tensor")
+}
+
+fn nchw(t: &FlexTensor) -> Nchw {
+    let [n, c, h, w] = t.layout().shape().dims::<4>();
+    Nchw { n, c, h, w }
+}
+
+fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
+    let shape = Shape::from(shape);
+    debug_assert_eq!(Layout::contiguous(shape.clone()).num_elements(), data.len());
+    FlexTensor::from_data(TensorData::new(data, shape))
+}
+
+/// The glue between burn-flex's tensors and the kernels.
+mod glue {
+    use super::*;
+
+    pub fn conv(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+        let (x, w, b) = (contiguous(x), contiguous(w), contiguous(b));
+        let s = nchw(&x);
+        let [co, ci, k, _] = w.layout().shape().dims::<4>();
+        assert_eq!(
+            ci, s.c,
+            "convolution of {} channels with weights for {ci}",
+            s.c
+        );
+        let y = kernels::conv::forward(floats(&x), s, floats(&w), co, k, Some(floats(&b)));
+        tensor(y, vec![s.n, co, s.h, s.w])
+    }
+
+    pub fn conv_dx(dy: &FlexTensor, w: &FlexTensor) -> FlexTensor {
+        let (dy, w) = (contiguous(dy), contiguous(w));
+        let s = nchw(&dy);
+        let [_, ci, k, _] = w.layout().shape().dims::<4>();
+        let dx = kernels::conv::backward_input(floats(&dy), s, floats(&w), ci, k);
+        tensor(dx, vec![s.n, ci, s.h, s.w])
+    }
+
+    pub fn conv_dw(x: &FlexTensor, dy: &FlexTensor, k: usize) -> FlexTensor {
+        let (x, dy) = (contiguous(x), contiguous(dy));
+        let s = nchw(&x);
+        let co = nchw(&dy).c;
+        let dw = kernels::conv::backward_weight(floats(&x), s, floats(&dy), co, k);
+        tensor(dw, vec![co, s.c, k, k])
+    }
+
+    pub fn bias_grad(dy: &FlexTensor) -> FlexTensor {
+        let dy = contiguous(dy);
+        let s = nchw(&dy);
+        tensor(kernels::channel_sums(floats(&dy), s), vec![s.c])
+    }
+
+    pub fn up2(x: &FlexTensor, w: &FlexTensor, b: &FlexTensor) -> FlexTensor {
+        let (x, w, b) = (contiguous(x), contiguous(w), contiguous(b));
+        let s = nchw(&x);
+        let [ci, co, _, _] = w.layout().shape().dims::<4>();
+        assert_eq!(
+            ci, s.c,
+            "transposed convolution of {} channels with weights for {ci}",
+            s.c
+        );
+        let y = kernels::upconv::forward(floats(&x), s, floats(&w), co, Some(floats(&b)));
+        tensor(y, vec![s.n, co, 2 * s.h, 2 * s.w])
+    }
+
+    pub fn up2_dx(dy: &FlexTensor, w: &FlexTensor) -> FlexTensor {
+        let (dy, w) = (contiguous(dy), contiguous(w));
+        let so = nchw(&dy);
+        let [ci, co, _, _] = w.layout().shape().dims::<4>();
+        let s = Nchw {
+            n: so.n,
+            c: ci,
+            h: so.h / 2,
+            w: so.w / 2,
+        };
+        let dx = kernels::upconv::backward_input(floats(&dy), s, floats(&w), co);
+        tensor(dx, vec![s.n, s.c, s.h, s.w])
+    }
+
+    pub fn bn_stats(x: &FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let s = nchw(&x);
+        let (mut mean, var) = kernels::norm::channel_stats(floats(&x), s);
+        mean.extend(var);
+        tensor(mean, vec![2, s.c])
+    }
+
+    /// The mean and variance rows of a `[2, channels]` statistics tensor.
+    fn rows(stats: &FlexTensor) -> (FlexTensor, usize) {
+        let stats = contiguous(stats);
+        let c = stats.layout().shape().dims::<2>()[1];
+        (stats, c)
+    }
+
+    pub fn bn(
+        x: &FlexTensor,
+        gamma: &FlexTensor,
+        beta: &FlexTensor,
+        stats: &FlexTensor,
+        eps: f64,
+        relu: bool,
+    ) -> FlexTensor {
+        let (x, gamma, beta) = (contiguous(x), contiguous(gamma), contiguous(beta));
+        let (stats, c) = rows(stats);
+        let s = nchw(&x);
+        let (mean, var) = floats(&stats).split_at(c);
+        let y = kernels::norm::normalize(
+            floats(&x),
+            s,
+            mean,
+            var,
+            floats(&gamma),
+            floats(&beta),
+            eps,
+            relu,
+        );
+        tensor(y, vec![s.n, s.c, s.h, s.w])
+    }
+
+    /// `(dx, dgamma, dbeta)` of [`bn`] with the batch's statistics.
+    #[allow(clippy::too_many_arguments)]
+    pub fn bn_grads(
+        x: &FlexTensor,
+        y: &FlexTensor,
+        dy: &FlexTensor,
+        gamma: &FlexTensor,
+        stats: &FlexTensor,
+        eps: f64,
+        relu: bool,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (x, y, dy, gamma) = (
+            contiguous(x),
+            contiguous(y),
+            contiguous(dy),
+            contiguous(gamma),
+        );
+        let (stats, c) = rows(stats);
+        let s = nchw(&x);
+        let (mean, var) = floats(&stats).split_at(c);
+        let (dx, dg, db) = kernels::norm::normalize_backward(
+            floats(&x),
+            floats(&y),
+            floats(&dy),
+            s,
+            mean,
+            var,
+            floats(&gamma),
+            eps,
+            relu,
+        );
+        (
+            tensor(dx, vec![s.n, s.c, s.h, s.w]),
+            tensor(dg, vec![c]),
+            tensor(db, vec![c]),
+        )
+    }
+
+    pub fn up2_dw(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
+        let (x, dy) = (contiguous(x), contiguous(dy));
+        let s = nchw(&x);
+        let co = nchw(&dy).c;
+        let dw = kernels::upconv::backward_weight(floats(&x), s, floats(&dy), co);
+        tensor(dw, vec![s.c, co, 2, 2])
+    }
+}
+
+impl KernelOps for Flex {
+    fn kp_conv(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        glue::conv(&x, &weight, &bias)
+    }
+
+    fn kp_up2(x: FlexTensor, weight: FlexTensor, bias: FlexTensor) -> FlexTensor {
+        glue::up2(&x, &weight, &bias)
+    }
+
+    fn kp_bn_stats(x: FlexTensor) -> FlexTensor {
+        glue::bn_stats(&x)
+    }
+
+    fn kp_bn(
+        x: FlexTensor,
+        gamma: FlexTensor,
+        beta: FlexTensor,
+        stats: FlexTensor,
+        epsilon: f64,
+        relu: bool,
+    ) -> FlexTensor {
+        glue::bn(&x, &gamma, &beta, &stats, epsilon, relu)
+    }
+}
+
+/// The backward step of the fused batch norm: the state is the input, the output, gamma,
+/// the statistics, epsilon and whether a ReLU followed.
+#[derive(Debug)]
+struct NormBackward;
+
+impl Backward<Flex, 3> for NormBackward {
+    type State = (FlexTensor, FlexTensor, FlexTensor, FlexTensor, f64, bool);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_gamma, node_beta] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, y, gamma, stats, eps, relu) = ops.state;
+        let (dx, dgamma, dbeta) = glue::bn_grads(&x, &y, &dy, &gamma, &stats, eps, relu);
+        for (node, g) in [(node_x, dx), (node_gamma, dgamma), (node_beta, dbeta)] {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Which of the two operations a backward step differentiates.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Conv,
+    Up2,
+}
+
+/// The backward step of both operations: gradients of the input, the weights and the
+/// bias, from the forward pass's input and weights.
+#[derive(Debug)]
+struct KernelBackward(Kind);
+
+impl Backward<Flex, 3> for KernelBackward {
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x, node_w, node_b] = ops.parents;
+        // Made contiguous once for the two or three gradients that read it.
+        let dy = contiguous(&grads.consume::<Flex>(&ops.node));
+        let (x, w) = ops.state;
+        let k = w.layout().shape().dims::<4>()[2];
+        if let Some(node) = node_x {
+            let dx = match self.0 {
+                Kind::Conv => glue::conv_dx(&dy, &w),
+                Kind::Up2 => glue::up2_dx(&dy, &w),
+            };
+            grads.register::<Flex>(node.id, dx);
+        }
+        if let Some(node) = node_w {
+            let dw = match self.0 {
+                Kind::Conv => glue::conv_dw(&x, &dy, k),
+                Kind::Up2 => glue::up2_dw(&x, &dy),
+            };
+            grads.register::<Flex>(node.id, dw);
+        }
+        if let Some(node) = node_b {
+            grads.register::<Flex>(node.id, glue::bias_grad(&dy));
+        }
+    }
+}
+
+type AdTensor<C> = FloatTensor<Autodiff<Flex, C>>;
+
+/// Runs `forward` on the primitives and records the backward step when any input is tracked.
+fn differentiable<C: CheckpointStrategy>(
+    kind: Kind,
+    x: AdTensor<C>,
+    w: AdTensor<C>,
+    b: AdTensor<C>,
+    forward: fn(&FlexTensor, &FlexTensor, &FlexTensor) -> FlexTensor,
+) -> AdTensor<C> {
+    match KernelBackward(kind)
+        .prepare::<C>([x.node(), w.node(), b.node()])
+        .compute_bound()
+        .stateful()
+    {
+        OpsKind::Tracked(prep) => {
+            let (xp, wp) = (x.primitive().clone(), w.primitive().clone());
+            let out = forward(&xp, &wp, b.primitive());
+            prep.finish((xp, wp), out)
+        }
+        OpsKind::UnTracked(prep) => {
+            prep.finish(forward(x.primitive(), w.primitive(), b.primitive()))
+        }
+    }
+}
+
+impl<C: CheckpointStrategy> KernelOps for Autodiff<Flex, C> {
+    fn kp_conv(x: AdTensor<C>, weight: AdTensor<C>, bias: AdTensor<C>) -> AdTensor<C> {
+        differentiable::<C>(Kind::Conv, x, weight, bias, glue::conv)
+    }
+
+    fn kp_up2(x: AdTensor<C>, weight: AdTensor<C>, bias: AdTensor<C>) -> AdTensor<C> {
+        differentiable::<C>(Kind::Up2, x, weight, bias, glue::up2)
+    }
+
+    fn kp_bn_stats(x: AdTensor<C>) -> AdTensor<C> {
+        AdTensor::<C>::new(glue::bn_stats(x.primitive()))
+    }
+
+    fn kp_bn(
+        x: AdTensor<C>,
+        gamma: AdTensor<C>,
+        beta: AdTensor<C>,
+        stats: AdTensor<C>,
+        epsilon: f64,
+        relu: bool,
+    ) -> AdTensor<C> {
+        match NormBackward
+            .prepare::<C>([x.node(), gamma.node(), beta.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let (xp, gp, sp) = (
+                    x.primitive().clone(),
+                    gamma.primitive().clone(),
+                    stats.primitive().clone(),
+                );
+                let y = glue::bn(&xp, &gp, beta.primitive(), &sp, epsilon, relu);
+                prep.finish((xp, y.clone(), gp, sp, epsilon, relu), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(glue::bn(
+                x.primitive(),
+                gamma.primitive(),
+                beta.primitive(),
+                stats.primitive(),
+                epsilon,
+                relu,
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use burn::nn::BatchNormConfig;
+    use burn::nn::conv::{Conv2dConfig, ConvTranspose2dConfig};
+    use burn::tensor::Distribution;
+
+    use super::*;
+
+    /// Largest difference relative to the largest magnitude of `want`.
+    fn rel_err<const D: usize>(got: Tensor<D>, want: Tensor<D>) -> f32 {
+        let got = got.into_data().try_to_vec::<f32>().unwrap();
+        let want = want.into_data().try_to_vec::<f32>().unwrap();
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(1e-6f32, |m, v| m.max(v.abs()));
+        got.iter()
+            .zip(&want)
+            .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale
+    }
+
+    const TOL: f32 = 1e-5;
+
+    #[test]
+    fn flex_tensors_take_the_kernels_with_or_without_autodiff() {
+        let x = Tensor::<4>::zeros([1, 1, 2, 2], &Device::flex());
+        assert!(on_kernels(&x));
+        let x = Tensor::<4>::zeros([1, 1, 2, 2], &Device::flex().autodiff());
+        assert!(on_kernels(&x));
+    }
+
+    #[test]
+    fn kernel_convolutions_agree_with_burns_in_values_and_gradients() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        for (cin, cout, k, bias) in [
+            (3, 5, 3, true),
+            (4, 2, 1, true),
+            (1, 16, 3, true),
+            (6, 4, 3, false),
+        ] {
+            let conv = Conv2dConfig::new([cin, cout], [k, k])
+                .with_padding(PaddingConfig2d::Same)
+                .with_bias(bias)
+                .init(&device);
+            let x =
+                Tensor::<4>::random([3, cin, 9, 7], Distribution::Default, &device).require_grad();
+            let probe = Tensor::<4>::random([3, cout, 9, 7], Distribution::Default, &device);
+            let ours = conv2d(&conv, x.clone());
+            let theirs = conv.forward(x.clone());
+            assert!(
+                rel_err(ours.clone(), theirs.clone()) < TOL,
+                "forward {cin}->{cout} k{k}"
+            );
+            let g1 = (ours * probe.clone()).sum().backward();
+            let g2 = (theirs * probe).sum().backward();
+            let grad = |t: &Tensor<4>, g| t.grad(g).unwrap();
+            assert!(
+                rel_err(grad(&x, &g1), grad(&x, &g2)) < TOL,
+                "input gradient"
+            );
+            let w = conv.weight.val();
+            assert!(
+                rel_err(grad(&w, &g1), grad(&w, &g2)) < TOL,
+                "weight gradient"
+            );
+            if let Some(b) = &conv.bias {
+                let b = b.val();
+                assert!(
+                    rel_err(b.grad(&g1).unwrap(), b.grad(&g2).unwrap()) < TOL,
+                    "bias gradient"
+                );
+            }
+        }
+        // 2x2 stride-2 transposed convolutions.
+        let up = ConvTranspose2dConfig::new([6, 3], [2, 2])
+            .with_stride([2, 2])
+            .init(&device);
+        let x = Tensor::<4>::random([2, 6, 5, 4], Distribution::Default, &device).require_grad();
+        let probe = Tensor::<4>::random([2, 3, 10, 8], Distribution::Default, &device);
+        let (ours, theirs) = (conv_transpose2d(&up, x.clone()), up.forward(x.clone()));
+        assert!(
+            rel_err(ours.clone(), theirs.clone()) < TOL,
+            "transposed forward"
+        );
+        let g1 = (ours * probe.clone()).sum().backward();
+        let g2 = (theirs * probe).sum().backward();
+        assert!(rel_err(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < TOL);
+        let w = up.weight.val();
+        assert!(rel_err(w.grad(&g1).unwrap(), w.grad(&g2).unwrap()) < TOL);
+        let b = up.bias.as_ref().unwrap().val();
+        assert!(rel_err(b.grad(&g1).unwrap(), b.grad(&g2).unwrap()) < TOL);
+    }
+
+    #[test]
+    fn fused_batch_norm_agrees_with_burns_in_training_and_inference() {
+        let device = Device::flex().autodiff();
+        device.seed(4);
+        let x = Tensor::<4>::random([4, 3, 6, 5], Distribution::Normal(0.5, 2.0), &device)
+            .require_grad();
+        let probe = Tensor::<4>::random([4, 3, 6, 5], Distribution::Default, &device);
+        for relu in [false, true] {
+            // Two identical layers (running statistics are state: one per path).
+            let (a, b) = (
+                BatchNormConfig::new(3).init(&device),
+                BatchNormConfig::new(3).init(&device),
+            );
+            let ours = batch_norm(&a, x.clone(), relu);
+            let theirs = b.forward(x.clone());
+            let theirs = if relu {
+                activation::relu(theirs)
+            } else {
+                theirs
+            };
+            assert!(
+                rel_err(ours.clone(), theirs.clone()) < TOL,
+                "forward relu={relu}"
+            );
+            let g1 = (ours * probe.clone()).sum().backward();
+            let g2 = (theirs * probe.clone()).sum().backward();
+            assert!(
+                rel_err(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < 1e-4,
+                "input gradient relu={relu}"
+            );
+            for (p, q) in [(a.gamma.val(), b.gamma.val()), (a.beta.val(), b.beta.val())] {
+                assert!(
+                    rel_err(p.grad(&g1).unwrap(), q.grad(&g2).unwrap()) < 1e-4,
+                    "affine gradients"
+                );
+            }
+            assert!(
+                rel_err(a.running_mean.value(), b.running_mean.value()) < TOL,
+                "running mean"
+            );
+            assert!(
+                rel_err(a.running_var.value(), b.running_var.value()) < TOL,
+                "running variance"
+            );
+        }
+        // Inference (no autodiff): the running statistics.
+        let device = Device::flex();
+        let bn = BatchNormConfig::new(3).init(&device);
+        bn.running_mean
+            .update(Tensor::from_floats([0.3, -1.0, 2.0], &device));
+        bn.running_var
+            .update(Tensor::from_floats([0.5, 2.0, 1.5], &device));
+        let x = Tensor::<4>::random([2, 3, 4, 4], Distribution::Normal(0.0, 2.0), &device);
+        let ours = batch_norm(&bn, x.clone(), true);
+        assert!(
+            rel_err(ours, activation::relu(bn.forward(x))) < TOL,
+            "inference"
+        );
+    }
+}
