@@ -8,7 +8,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm, gemm_ptr, mat};
+use super::gemm::{Mat, gemm, mat};
+use super::packed::{self, Init, NR, Out, Weights};
 use super::{Nchw, REDUCE_GROUPS, Shared, band, filled, reduce_in_order, scratch, with_scratch};
 
 /// Floats a band's column buffer aims at (128 KiB: it and the GEMM's packed panels stay
@@ -134,33 +135,45 @@ fn im2col(
     col: &mut [f32],
     ld: usize,
 ) {
-    let p = k / 2;
     let px = (r1 - r0) * w;
-    let mut row = 0;
-    for plane in x[..c * h * w].chunks_exact(h * w) {
-        for dy in 0..k {
-            for dx in 0..k {
-                let dst = &mut col[row * ld..][..px];
-                row += 1;
-                for (out, r) in dst.chunks_exact_mut(w).zip(r0..r1) {
-                    // Source row r + dy - p, if inside the image.
-                    let Some(sr) = (r + dy).checked_sub(p).filter(|&sr| sr < h) else {
-                        out.fill(0.0);
-                        continue;
-                    };
-                    let src = &plane[sr * w..(sr + 1) * w];
-                    // out[j] = src[j + dx - p]
-                    if dx >= p {
-                        let s = (dx - p).min(w);
-                        out[..w - s].copy_from_slice(&src[s..]);
-                        out[w - s..].fill(0.0);
-                    } else {
-                        let s = (p - dx).min(w);
-                        out[..s].fill(0.0);
-                        out[s..].copy_from_slice(&src[..w - s]);
-                    }
-                }
-            }
+    for (ci, plane) in x[..c * h * w].chunks_exact(h * w).enumerate() {
+        for shift in 0..k * k {
+            let dst = &mut col[(ci * k * k + shift) * ld..][..px];
+            shifted_rows(plane, h, w, k, shift, r0, r1, dst);
+        }
+    }
+}
+
+/// Rows `r0..r1` of one channel `plane` (`h x w`) shifted by `shift` = `dy * k + dx`:
+/// `out[(r - r0) * w + j] = plane[r + dy - p, j + dx - p]`, zero outside the image.
+#[allow(clippy::too_many_arguments)]
+fn shifted_rows(
+    plane: &[f32],
+    h: usize,
+    w: usize,
+    k: usize,
+    shift: usize,
+    r0: usize,
+    r1: usize,
+    out: &mut [f32],
+) {
+    let (p, dy, dx) = (k / 2, shift / k, shift % k);
+    for (out, r) in out.chunks_exact_mut(w).zip(r0..r1) {
+        // Source row r + dy - p, if inside the image.
+        let Some(sr) = (r + dy).checked_sub(p).filter(|&sr| sr < h) else {
+            out.fill(0.0);
+            continue;
+        };
+        let src = &plane[sr * w..(sr + 1) * w];
+        // out[j] = src[j + dx - p]
+        if dx >= p {
+            let s = (dx - p).min(w);
+            out[..w - s].copy_from_slice(&src[s..]);
+            out[w - s..].fill(0.0);
+        } else {
+            let s = (p - dx).min(w);
+            out[..s].fill(0.0);
+            out[s..].copy_from_slice(&src[..w - s]);
         }
     }
 }
@@ -195,6 +208,100 @@ fn item_matrix<'a>(x: &'a [f32], s: Nchw, k: usize, it: Item, col: &'a mut Vec<f
     }
 }
 
+/// Pixels a work item of the forward pass aims at (its packed columns stay in L2).
+const ITEM_PX: usize = 256;
+
+impl Tiling {
+    /// Items of about [`ITEM_PX`] pixels: bands of whole rows, or whole small images
+    /// side by side.
+    fn packed(s: Nchw) -> Self {
+        let rows = (ITEM_PX / s.w.max(1)).clamp(1, s.h.max(1));
+        let imgs = (ITEM_PX / s.plane().max(1)).clamp(1, s.n.max(1));
+        Tiling::with(rows, imgs, s)
+    }
+}
+
+/// Writes rows `k0..k0 + kb` of item `it`'s columns (see [`im2col`]) into `buf` as
+/// packed panels ([`packed::put`]); `row` is scratch space for a padded input row.
+#[allow(clippy::too_many_arguments)]
+fn pack_columns(
+    x: &[f32],
+    s: Nchw,
+    k: usize,
+    it: Item,
+    (k0, kb): (usize, usize),
+    buf: &mut [f32],
+    row: &mut Vec<f32>,
+) {
+    let (p, w, plane, kk) = (k / 2, s.w, s.plane(), k * k);
+    let band = (it.r1 - it.r0) * w;
+    if w < NR {
+        return pack_narrow_columns(x, s, k, it, (k0, kb), buf, row);
+    }
+    let padded = scratch(row, w + 2 * p);
+    padded[..p].fill(0.0);
+    padded[p + w..].fill(0.0);
+    for (i, n) in (it.n0..it.n1).enumerate() {
+        let xn = &x[n * s.c * plane..][..s.c * plane];
+        for r in it.r0..it.r1 {
+            let q = i * band + (r - it.r0) * w;
+            let mut d = k0;
+            while d < k0 + kb {
+                // Depth rows d.. share channel ci and shift dy; dx runs on to dx1.
+                let (ci, dy, dx0) = (d / kk, d / k % k, d % k);
+                let dx1 = k.min(dx0 + k0 + kb - d);
+                let t = d - k0;
+                match (r + dy).checked_sub(p).filter(|&sr| sr < s.h) {
+                    None => {
+                        for dx in dx0..dx1 {
+                            packed::put_zeros(buf, kb, t + dx - dx0, q, w);
+                        }
+                    }
+                    Some(sr) => {
+                        let src = &xn[ci * plane + sr * w..][..w];
+                        if p == 0 {
+                            packed::put(buf, kb, t, q, src);
+                        } else {
+                            padded[p..p + w].copy_from_slice(src);
+                            for dx in dx0..dx1 {
+                                packed::put(buf, kb, t + dx - dx0, q, &padded[dx..dx + w]);
+                            }
+                        }
+                    }
+                }
+                d += dx1 - dx0;
+            }
+        }
+    }
+}
+
+/// [`pack_columns`] for rows narrower than a panel: each depth row of an image's band is
+/// built whole (as [`im2col`] does), then packed in one run.
+#[allow(clippy::too_many_arguments)]
+fn pack_narrow_columns(
+    x: &[f32],
+    s: Nchw,
+    k: usize,
+    it: Item,
+    (k0, kb): (usize, usize),
+    buf: &mut [f32],
+    row: &mut Vec<f32>,
+) {
+    let (plane, kk) = (s.plane(), k * k);
+    let band = (it.r1 - it.r0) * s.w;
+    let line = scratch(row, band);
+    for (i, n) in (it.n0..it.n1).enumerate() {
+        let xn = &x[n * s.c * plane..][..s.c * plane];
+        for d in k0..k0 + kb {
+            let ci = d / kk;
+            // The one depth row d: channel ci, shift d % kk.
+            let one = &xn[ci * plane..][..plane];
+            shifted_rows(one, s.h, s.w, k, d % kk, it.r0, it.r1, line);
+            packed::put(buf, kb, d - k0, i * band, line);
+        }
+    }
+}
+
 /// `y = conv(x, weight) + bias`: `x` of shape `s`, `weight` `[co, s.c, k, k]`, `bias`
 /// `[co]`; `y` is `[s.n, co, s.h, s.w]`.
 pub fn forward(
@@ -205,91 +312,143 @@ pub fn forward(
     k: usize,
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
-    forward_tiled(x, s, weight, co, k, bias, Tiling::new(s.c * k * k, s))
+    let depth = s.c * k * k;
+    assert_eq!(weight.len(), co * depth, "weight is not [co, ci, k, k]");
+    forward_tiled(x, s, co, k, bias, Tiling::packed(s), |r, c| {
+        weight[r * depth + c]
+    })
 }
 
+/// The forward pass with weights `(o, (i * k + a) * k + b) -> weight` and items `tiling`.
+/// Items with few of them (deep layers of small images) also split the output channels,
+/// for the threads; no cut changes a bit of the result ([`packed`]'s order).
 fn forward_tiled(
     x: &[f32],
     s: Nchw,
-    weight: &[f32],
     co: usize,
     k: usize,
     bias: Option<&[f32]>,
     tiling: Tiling,
+    weight: impl Fn(usize, usize) -> f32 + Sync,
 ) -> Vec<f32> {
     assert!(
         k % 2 == 1,
         "'same' convolutions need an odd kernel, not {k}"
     );
     assert_eq!(x.len(), s.len(), "input does not match its shape");
-    let depth = s.c * k * k;
-    assert_eq!(weight.len(), co * depth, "weight is not [co, ci, k, k]");
     let plane = s.plane();
     if let Some(b) = bias {
         assert_eq!(b.len(), co, "bias is not [co]");
     }
-    let wm = mat(weight, co, depth);
+    let item_px = |it: Item| (it.n1 - it.n0) * (it.r1 - it.r0) * s.w;
+    let depth = s.c * k * k;
+    let in_place = s.w >= NR;
+    let kc = if in_place {
+        packed::depth_block_in_place(co)
+    } else {
+        packed::depth_block(item_px(tiling.item(0)))
+    };
+    let a = Weights::new(co, depth, kc, weight);
+    let items = tiling.count();
+    let panels = a.panels();
+    let chunks = rayon::current_num_threads()
+        .div_ceil(items.max(1))
+        .clamp(1, panels.max(1));
+    let unit_panels = |c: usize| (c * panels / chunks)..((c + 1) * panels / chunks);
+    if in_place {
+        // Rows at least a panel wide: B read straight from a zero-padded copy of the
+        // input (a 1x1 convolution of whole panels reads the input itself).
+        let (p, hp, wp) = (k / 2, s.h + k - 1, s.w + k - 1);
+        let copy;
+        let xp: &[f32] = if p == 0 && s.w.is_multiple_of(NR) {
+            x
+        } else {
+            copy = padded(x, s, p);
+            &copy
+        };
+        let offsets: Vec<usize> = (0..depth)
+            .map(|d| (d / (k * k)) * hp * wp + (d / k % k) * wp + d % k)
+            .collect();
+        let tw = s.w.div_ceil(NR);
+        let all = a.pack_all();
+        let run = |out: Shared| {
+            (0..items * chunks).into_par_iter().for_each(|u| {
+                let (it, c) = (tiling.item(u / chunks), u % chunks);
+                let per_img = (it.r1 - it.r0) * tw;
+                let tile_at = |j: usize| {
+                    let (n, r, j0) = (it.n0 + j / per_img, it.r0 + j % per_img / tw, j % tw * NR);
+                    (
+                        xp[(n * s.c * hp + r) * wp + j0..].as_ptr(),
+                        out.ptr().wrapping_add((n * co * s.h + r) * s.w + j0),
+                        NR.min(s.w - j0),
+                    )
+                };
+                // SAFETY: B: the last read of a tile is at most the last element of its
+                // image's last padded plane plus NR - 1, inside `xp` (its slack, or rows
+                // a multiple of NR wide); C: the unit's channels of its images' rows,
+                // inside `y` and no other unit's.
+                unsafe {
+                    packed::multiply_in_place(
+                        &a,
+                        &all,
+                        unit_panels(c),
+                        (it.n1 - it.n0) * per_img,
+                        tile_at,
+                        &offsets,
+                        plane,
+                        Init::Set(bias),
+                    );
+                };
+            });
+        };
+        // SAFETY: the units cover every (image, row) of the output once in every
+        // channel, each element set from the bias (or zero) before products are added.
+        return unsafe { filled(s.n * co * plane, run) };
+    }
     let run = |out: Shared| {
-        (0..tiling.count()).into_par_iter().for_each(|i| {
-            with_scratch(|col, tmp| {
-                let it = tiling.item(i);
-                if it.n1 - it.n0 == 1 {
-                    // One band of one image: the GEMM writes its output rows in place.
-                    let n = it.n0;
-                    let px = (it.r1 - it.r0) * s.w;
-                    let start = n * co * plane + it.r0 * s.w;
-                    if let Some(b) = bias {
-                        for (c, &v) in b.iter().enumerate() {
-                            // SAFETY: row c of this band, inside `y` (checked length) and
-                            // written by this item alone (items are disjoint).
-                            unsafe {
-                                std::slice::from_raw_parts_mut(out.ptr().add(start + c * plane), px)
-                            }
-                            .fill(v);
-                        }
-                    }
-                    let rhs = item_matrix(x, s, k, it, col);
-                    // SAFETY: rows c < co, columns < px of this band start at `start + c *
-                    // plane`, inside `y`; no other item writes them.
-                    unsafe { gemm_ptr(out.ptr().add(start), plane, 1, wm, rhs, bias.is_some()) };
-                } else {
-                    // Whole small images side by side: one wider GEMM into `tmp`, then each
-                    // image's rows to their place.
-                    let (col, px) = item_columns(x, s, k, it, col);
-                    let tmp = scratch(tmp, co * px);
-                    if let Some(b) = bias {
-                        for (row, &v) in tmp.chunks_exact_mut(px).zip(b) {
-                            row.fill(v);
-                        }
-                    }
-                    gemm(tmp, px, 1, wm, mat(col, depth, px), bias.is_some());
-                    for (i, n) in (it.n0..it.n1).enumerate() {
-                        // SAFETY: image n of `y` (inside: checked length), this item's alone.
-                        let dst = unsafe {
-                            std::slice::from_raw_parts_mut(
-                                out.ptr().add(n * co * plane),
-                                co * plane,
-                            )
-                        };
-                        for (c, d) in dst.chunks_exact_mut(plane).enumerate() {
-                            d.copy_from_slice(&tmp[c * px + i * plane..][..plane]);
-                        }
-                    }
-                }
+        (0..items * chunks).into_par_iter().for_each(|u| {
+            let (it, c) = (tiling.item(u / chunks), u % chunks);
+            let rows = unit_panels(c);
+            let dst = Out {
+                ptr: out.ptr().wrapping_add(it.n0 * co * plane + it.r0 * s.w),
+                ldc: plane,
+                seg: (it.r1 - it.r0) * s.w,
+                seg_stride: co * plane,
+            };
+            with_scratch(|col, row, abuf| {
+                let pack = |k0, kb, buf: &mut [f32]| pack_columns(x, s, k, it, (k0, kb), buf, row);
+                // SAFETY: the unit's rows (channels) of its images' bands: inside `y`
+                // (`s.n * co * plane` floats), and no other unit's.
+                unsafe {
+                    packed::multiply(&a, rows, item_px(it), pack, dst, Init::Set(bias), col, abuf);
+                };
             });
         });
     };
-    // SAFETY: the items cover every (image, row) of the output once, and each writes all
-    // `co` channels of its rows: the bias fill then an accumulating GEMM, a GEMM that
-    // does not read its destination, or a copy of whole images.
+    // SAFETY: the units cover every (image, row) of the output once in every channel,
+    // each element set from the bias (or zero) before products are added.
     unsafe { filled(s.n * co * plane, run) }
+}
+
+/// `x` (shape `s`) with `p` zeros around each plane, and [`NR`] floats of slack at the end.
+fn padded(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
+    let (hp, wp) = (s.h + 2 * p, s.w + 2 * p);
+    let mut xp = vec![0.0; s.n * s.c * hp * wp + NR];
+    xp.par_chunks_mut(hp * wp)
+        .zip(x.par_chunks(s.plane()))
+        .for_each(|(dst, src)| {
+            for (d, row) in dst[p * wp..].chunks_mut(wp).zip(src.chunks_exact(s.w)) {
+                d[p..p + s.w].copy_from_slice(row);
+            }
+        });
+    xp
 }
 
 /// The input's gradient: `dy` of shape `s` (`[n, co, h, w]`), `weight` `[co, ci, k, k]`,
 /// `dx` `[n, ci, h, w]`. A convolution of `dy` with the weights flipped in space and
 /// transposed in channels.
 pub fn backward_input(dy: &[f32], s: Nchw, weight: &[f32], ci: usize, k: usize) -> Vec<f32> {
-    backward_input_tiled(dy, s, weight, ci, k, Tiling::new(s.c * k * k, s))
+    backward_input_tiled(dy, s, weight, ci, k, Tiling::packed(s))
 }
 
 fn backward_input_tiled(
@@ -306,18 +465,13 @@ fn backward_input_tiled(
         co * ci * k * k,
         "weight is not [co, ci, k, k]"
     );
-    let mut flipped = vec![0.0; weight.len()];
-    for o in 0..co {
-        for i in 0..ci {
-            for a in 0..k {
-                for b in 0..k {
-                    flipped[((i * co + o) * k + a) * k + b] =
-                        weight[((o * ci + i) * k + (k - 1 - a)) * k + (k - 1 - b)];
-                }
-            }
-        }
-    }
-    forward_tiled(dy, s, &flipped, ci, k, None, tiling)
+    // Element (i, c) of the flipped, transposed weights, c = o * kk + e, is
+    // weight[o, i, kk - 1 - e]: at[c] + i * kk.
+    let kk = k * k;
+    let at: Vec<usize> = (0..co * kk)
+        .map(|c| (c / kk) * ci * kk + kk - 1 - c % kk)
+        .collect();
+    forward_tiled(dy, s, ci, k, None, tiling, |i, c| weight[at[c] + i * kk])
 }
 
 /// Pixels a weight-gradient group covers at least (fewer groups for smaller maps).
@@ -367,7 +521,7 @@ fn backward_weight_tiled(
             let (g, b) = (gb / blocks, gb % blocks);
             let (c0, c1) = (b * co / blocks, (b + 1) * co / blocks);
             let mut acc = vec![0.0; (c1 - c0) * depth];
-            with_scratch(|col, dyb| {
+            with_scratch(|col, dyb, _| {
                 for (j, i) in (g * items / groups..(g + 1) * items / groups).enumerate() {
                     let it = tiling.item(i);
                     let band = (it.r1 - it.r0) * s.w;
@@ -445,20 +599,27 @@ mod tests {
 
     #[test]
     fn forward_and_gradients_match_the_definition() {
-        for (k, rows, imgs) in [
-            (3, 2, 1),
-            (3, 100, 1),
-            (1, 3, 1),
-            (5, 1, 1),
-            (3, 5, 2),
-            (1, 5, 2),
-            (3, 5, 3),
+        // Rows narrower than a panel (columns packed), and wider ones (read in place:
+        // 18 leaves a partial tile per row; 1x1 at 16 reads the input itself).
+        for (k, rows, imgs, w) in [
+            (3, 2, 1, 7),
+            (3, 100, 1, 7),
+            (1, 3, 1, 7),
+            (5, 1, 1, 7),
+            (3, 5, 2, 7),
+            (1, 5, 2, 7),
+            (3, 5, 3, 7),
+            (3, 2, 1, 18),
+            (3, 5, 2, 18),
+            (5, 1, 1, 18),
+            (1, 2, 1, 16),
+            (1, 5, 3, 18),
         ] {
             let s = Nchw {
                 n: 3,
                 c: 3,
                 h: 5,
-                w: 7,
+                w,
             };
             let tiling = Tiling::with(rows, imgs, s);
             let tiling_o = Tiling::with(rows, imgs, Nchw { c: 4, ..s });
@@ -466,10 +627,13 @@ mod tests {
             let x = values(s.len(), 1);
             let w = values(co * s.c * k * k, 2);
             let b = values(co, 3);
-            let y = forward_tiled(&x, s, &w, co, k, Some(&b), tiling);
+            let y = forward_tiled(&x, s, co, k, Some(&b), tiling, |r, c| {
+                w[r * s.c * k * k + c]
+            });
             assert!(
                 rel_err(&y, &naive(&x, s, &w, co, k, &b)) < 1e-5,
-                "forward k={k} rows={rows} imgs={imgs}"
+                "forward k={k} rows={rows} imgs={imgs} width={}",
+                s.w
             );
 
             let so = Nchw { c: co, ..s };
@@ -480,14 +644,16 @@ mod tests {
             let want = adjoint(s.len(), &dy, |u| naive(u, s, &w, co, k, &zero_b));
             assert!(
                 rel_err(&dx, &want) < 1e-5,
-                "input gradient k={k} rows={rows} imgs={imgs}"
+                "input gradient k={k} rows={rows} imgs={imgs} width={}",
+                s.w
             );
             // Weight gradient: entry e = <conv(x, unit_e), dy>.
             let dw = backward_weight_tiled(&x, s, &dy, co, k, tiling);
             let want = adjoint(w.len(), &dy, |u| naive(&x, s, u, co, k, &zero_b));
             assert!(
                 rel_err(&dw, &want) < 1e-5,
-                "weight gradient k={k} rows={rows} imgs={imgs}"
+                "weight gradient k={k} rows={rows} imgs={imgs} width={}",
+                s.w
             );
         }
     }
@@ -559,7 +725,11 @@ mod tests {
         };
         let x = values(s.len(), 7);
         let w = values(6 * s.c * 9, 8);
-        let run = |rows, imgs| forward_tiled(&x, s, &w, 6, 3, None, Tiling::with(rows, imgs, s));
+        let run = |rows, imgs| {
+            forward_tiled(&x, s, 6, 3, None, Tiling::with(rows, imgs, s), |r, c| {
+                w[r * s.c * 9 + c]
+            })
+        };
         let (a, b, c) = (run(1, 1), run(9, 1), run(9, 3));
         assert!(a.iter().zip(&c).all(|(p, q)| p.to_bits() == q.to_bits()));
         assert!(a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()));

@@ -18,6 +18,7 @@
 pub mod conv;
 pub mod gemm;
 pub mod norm;
+pub mod packed;
 pub mod upconv;
 
 /// Shape of an NCHW batch.
@@ -77,13 +78,13 @@ unsafe impl Sync for Shared {}
 thread_local! {
     /// This thread's scratch buffers, kept from call to call: a fresh buffer per work
     /// item would be zeroed (a pass of its own) and often fresh pages from the OS.
-    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const { std::cell::RefCell::new([Vec::new(), Vec::new()]) };
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-/// Runs `f` with this thread's two scratch buffers. `f` must not start rayon work: the
+/// Runs `f` with this thread's three scratch buffers. `f` must not start rayon work: the
 /// pool could run another item on this thread while the buffers are lent (a panic).
-fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
-    SCRATCH.with_borrow_mut(|[a, b]| f(a, b))
+fn with_scratch<R>(f: impl FnOnce(&mut Vec<f32>, &mut Vec<f32>, &mut Vec<f32>) -> R) -> R {
+    SCRATCH.with_borrow_mut(|[a, b, c]| f(a, b, c))
 }
 
 /// The first `len` floats of `v`, grown (never shrunk) to hold them; what they hold is

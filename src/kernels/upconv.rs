@@ -63,7 +63,7 @@ fn forward_in_bands(
     let (oh, ow) = (2 * s.h, 2 * s.w);
     let run = |out: Shared| {
         (0..s.n * bands.count).into_par_iter().for_each(|i| {
-            with_scratch(|t, _| {
+            with_scratch(|t, _, _| {
                 let (n, r0, r1) = bands.item(i);
                 let px = (r1 - r0) * s.w;
                 let rhs = band(x, s, n, r0, r1);
@@ -125,7 +125,7 @@ fn backward_input_in_bands(
     let wm = mat(weight, s.c, co * 4);
     let run = |out: Shared| {
         (0..s.n * bands.count).into_par_iter().for_each(|i| {
-            with_scratch(|u, _| {
+            with_scratch(|u, _, _| {
                 let (n, r0, r1) = bands.item(i);
                 let px = (r1 - r0) * s.w;
                 let u = scratch(u, co * 4 * px);
@@ -174,7 +174,7 @@ fn backward_weight_in_bands(x: &[f32], s: Nchw, dy: &[f32], co: usize, rows: usi
         .into_par_iter()
         .map(|g| {
             let mut acc = vec![0.0; s.c * co * 4];
-            with_scratch(|u, _| {
+            with_scratch(|u, _, _| {
                 for (j, i) in (g * items / groups..(g + 1) * items / groups).enumerate() {
                     let (n, r0, r1) = bands.item(i);
                     let px = (r1 - r0) * s.w;
