@@ -27,10 +27,14 @@ import torch
 from torch import nn
 
 
+BATCH_NORM = True
+
+
 def block(cin, cout):
+    norm = nn.BatchNorm2d if BATCH_NORM else (lambda c: nn.Identity())
     return nn.Sequential(
-        nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-        nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cin, cout, 3, padding=1), norm(cout), nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1), norm(cout), nn.ReLU(inplace=True),
     )
 
 
@@ -122,7 +126,8 @@ def run(a, precision, dev):
                 times.append(time.perf_counter() - t)
         rate = a.batch / statistics.median(times)
         tflops = rate * flops * (3 if mode == "train" else 1) / 1e12
-        line = f"torch {mode}: {rate:.2f} slices/s ({precision}, {tflops:.2f} TFLOP/s"
+        norm = "" if BATCH_NORM else ", without batch norm"
+        line = f"torch {mode}: {rate:.2f} slices/s ({precision}{norm}, {tflops:.2f} TFLOP/s"
         if cuda:
             line += f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB"
         print(line + f"; {flops / 1e9:.3f} GFLOP per forward slice)")
@@ -138,7 +143,10 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--mode", default="fp32", choices=["fp32", "tf32", "bf16", "all"])
+    p.add_argument("--no-batch-norm", action="store_true", help="the study's U-Net, without batch norm")
     a = p.parse_args()
+    global BATCH_NORM
+    BATCH_NORM = not a.no_batch_norm
     torch.set_num_threads(a.threads)
     dev = torch.device(a.device)
     if dev.type == "cuda":

@@ -70,6 +70,7 @@ pub struct NetBench {
     pub train: bool,
     pub size: usize,
     pub base: usize,
+    pub batch_norm: bool,
     pub batch: usize,
     /// Timed steps, after `warmup` untimed ones (which also take autotuning on a GPU).
     pub steps: usize,
@@ -78,7 +79,7 @@ pub struct NetBench {
 }
 
 /// Training or inference throughput of a U-Net (two 3x3 convs + BN + ReLU per level, the
-/// PyTorch reference's network) on random data: median slices per second over the timed
+/// PyTorch reference's network; without BN with `batch_norm` off) on random data: median slices per second over the timed
 /// steps. Each step ends by reading its result back (the loss, or the labels), so the
 /// device has finished the step's work before its timer stops.
 pub fn bench_unet(b: &NetBench) -> f64 {
@@ -92,7 +93,7 @@ pub fn bench_unet(b: &NetBench) -> f64 {
         kind: ModelKind::Unet,
         in_channels: 1,
         base: b.base,
-        batch_norm: true,
+        batch_norm: b.batch_norm,
         up_kernel: 2,
         freeze_encoder: false,
     };

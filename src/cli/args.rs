@@ -298,6 +298,10 @@ pub(super) struct NetBench {
     /// The GPU backend's float precision
     #[arg(long, value_enum, default_value = "f32")]
     pub(super) precision: PrecisionArg,
+    /// The U-Net without batch norm (the study's network; the default has it, as the
+    /// PyTorch script's)
+    #[arg(long)]
+    pub(super) no_batch_norm: bool,
 }
 
 #[derive(Args, Debug)]

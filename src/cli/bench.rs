@@ -45,6 +45,7 @@ fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError>
         train,
         size: b.size,
         base: b.base,
+        batch_norm: !b.no_batch_norm,
         batch: b.batch,
         steps: b.steps.max(1),
         warmup: b.warmup.max(1),
@@ -53,8 +54,9 @@ fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError>
     let what = if train { "train" } else { "infer" };
     writeln!(
         out,
-        "kpipe {what}: {rate:.2} slices/s (U-Net base {} at {}x{}, batch {}, {}, {}, {} CPU thread(s), median of {} steps after {} warm-up)",
+        "kpipe {what}: {rate:.2} slices/s (U-Net base {}{} at {}x{}, batch {}, {}, {}, {} CPU thread(s), median of {} steps after {} warm-up)",
         b.base,
+        if b.no_batch_norm { " without batch norm" } else { "" },
         b.size,
         b.size,
         b.batch,
