@@ -56,7 +56,11 @@ fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError>
         out,
         "kpipe {what}: {rate:.2} slices/s (U-Net base {}{} at {}x{}, batch {}, {}, {}, {} CPU thread(s), median of {} steps after {} warm-up)",
         b.base,
-        if b.no_batch_norm { " without batch norm" } else { "" },
+        if b.no_batch_norm {
+            " without batch norm"
+        } else {
+            ""
+        },
         b.size,
         b.size,
         b.batch,
