@@ -138,3 +138,42 @@ pub fn bench_unet(b: &NetBench) -> f64 {
     }
     n as f64 / median(times)
 }
+
+/// What the training loader alone delivers: every slice of `store` for `epochs` shuffled
+/// epochs, in batches of `batch`, drawn with `augment`, through [`prefetch`]'s thread
+/// as training reads them (two batches ahead), nothing consuming them. Returns the
+/// slices per second of each epoch and the slices per epoch.
+///
+/// [`prefetch`]: crate::data::loader::prefetch
+pub fn bench_loader(
+    store: &crate::data::slices::SliceStore,
+    batch: usize,
+    augment: &crate::data::augment::Augment,
+    epochs: usize,
+) -> Result<(Vec<f64>, usize), crate::data::slices::StoreError> {
+    use crate::data::loader::{Sampling, Shuffle, epoch_order, prefetch};
+
+    let all: Vec<_> = (0..store.meta.cases.len())
+        .flat_map(|c| (0..store.meta.cases[c].rows).map(move |r| (c, r)))
+        .collect();
+    let mut rates = Vec::new();
+    for epoch in 0..epochs {
+        let order = epoch_order(&all, Shuffle::Full, 1, epoch);
+        let sampling = Sampling {
+            augment,
+            patch: None,
+            seed: 1,
+            epoch,
+            pool: &all,
+        };
+        let t = Instant::now();
+        std::thread::scope(|scope| {
+            for b in prefetch(scope, store, &order, batch, sampling, 2) {
+                std::hint::black_box(b?);
+            }
+            Ok::<_, crate::data::slices::StoreError>(())
+        })?;
+        rates.push(all.len() as f64 / t.elapsed().as_secs_f64());
+    }
+    Ok((rates, all.len()))
+}

@@ -265,6 +265,28 @@ pub(super) enum BenchCommand {
     Train(NetBench),
     /// U-Net inference (forward and argmax) on random data
     Infer(NetBench),
+    /// The training loader alone (reading the slice store, the study's flips, batching on
+    /// its own thread), nothing consuming the batches
+    Loader(LoaderArgs),
+}
+
+#[derive(Args, Debug)]
+pub(super) struct LoaderArgs {
+    /// A slice artifact (a directory with the slice store), or a slice node of a
+    /// pipeline's latest run: `PIPELINE.toml:NODE`, e.g. `pipelines/unet_lr_sweep.toml:slice`
+    #[arg(long, value_name = "DIR|PIPELINE:NODE")]
+    pub(super) slices: String,
+    /// The profile of a `PIPELINE:NODE` store
+    #[arg(long, value_name = "NAME")]
+    pub(super) profile: Option<String>,
+    #[arg(long, default_value_t = 8)]
+    pub(super) batch: usize,
+    /// Epochs over every slice of the store (one rate each)
+    #[arg(long, default_value_t = 3)]
+    pub(super) epochs: usize,
+    /// Without the study's random flips (up/down and left/right, each with p = 0.5)
+    #[arg(long)]
+    pub(super) no_flips: bool,
 }
 
 #[derive(Args, Debug)]

@@ -3,16 +3,63 @@
 
 use std::io::Write;
 
-use super::args::{BenchCommand, NetBench, SlicingArgs};
+use super::args::{BenchCommand, GlobalArgs, LoaderArgs, NetBench, SlicingArgs};
+use super::util::{Artifact, resolve_artifact};
 use super::{CliError, exit};
 
 /// Runs one measurement.
-pub(super) fn run(cmd: &BenchCommand, out: &mut impl Write) -> Result<i32, CliError> {
+pub(super) fn run(
+    cmd: &BenchCommand,
+    global: &GlobalArgs,
+    out: &mut impl Write,
+) -> Result<i32, CliError> {
     match cmd {
         BenchCommand::Slicing(args) => slicing(args, out),
         BenchCommand::Train(b) => net(true, b, out),
         BenchCommand::Infer(b) => net(false, b, out),
+        BenchCommand::Loader(args) => loader(args, global, out),
     }
+}
+
+/// The loader's slices per second, one figure per epoch, and their median.
+fn loader(args: &LoaderArgs, global: &GlobalArgs, out: &mut impl Write) -> Result<i32, CliError> {
+    let dir = resolve_artifact(
+        Artifact::SLICES,
+        &args.slices,
+        args.profile.as_deref(),
+        &global.cache_dir,
+    )?;
+    let failed = |e: crate::data::slices::StoreError| {
+        CliError::Stage(crate::stages::StageError::Other(Box::new(e)))
+    };
+    let store = crate::data::slices::SliceStore::open(&dir).map_err(failed)?;
+    let flips = if args.no_flips { 0.0 } else { 0.5 };
+    let augment = crate::data::augment::Augment {
+        flip_horizontal: flips,
+        flip_vertical: flips,
+        ..Default::default()
+    };
+    let (rates, slices) =
+        crate::bench::bench_loader(&store, args.batch.max(1), &augment, args.epochs.max(1))
+            .map_err(failed)?;
+    let each: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    writeln!(
+        out,
+        "kpipe loader: {:.0} slices/s (median of {} epochs of {slices} slices of {}x{}, {} channel(s), batch {}, {}; each epoch: {})",
+        crate::bench::median(rates.clone()),
+        rates.len(),
+        store.meta.size,
+        store.meta.size,
+        store.meta.channels,
+        args.batch.max(1),
+        if args.no_flips {
+            "no augmentation"
+        } else {
+            "random flips"
+        },
+        each.join(", ")
+    )?;
+    Ok(exit::OK)
 }
 
 fn slicing(args: &SlicingArgs, out: &mut impl Write) -> Result<i32, CliError> {

@@ -199,7 +199,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
         Command::Fetch(cmd) => fetch::run(cmd, global, out),
         Command::Gc(args) => cache::gc(args, global, out),
         Command::Verify(args) => verify::run(args, global, out),
-        Command::Bench(cmd) => bench::run(cmd, out),
+        Command::Bench(cmd) => bench::run(cmd, global, out),
         Command::Score(args) => score::run(args, out),
         Command::Predict(args) => predict::run(args, global, out),
         Command::Models(args) => models::run(args, out),

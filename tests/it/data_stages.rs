@@ -477,3 +477,43 @@ fn z_score_statistics_come_from_the_training_cases_only() {
         "differs from all cases' statistics"
     );
 }
+
+#[test]
+fn the_loader_bench_reads_every_slice_of_a_slice_node() {
+    let p = Project::new();
+    p.write("p.toml", &study());
+    let (code, _, err) = p.run(&["run", "p.toml"]);
+    assert_eq!(code, 0, "{err}");
+    // Every slice of the store, from the node of the latest run: 6 phantoms of 24 slices.
+    let store = kpipe::data::slices::SliceStore::open(
+        &p.entries()
+            .into_iter()
+            .map(|e| e.join("out"))
+            .find(|o| o.join(kpipe::data::slices::SliceMeta::FILE).exists())
+            .unwrap(),
+    )
+    .unwrap();
+    let slices: usize = store.meta.cases.iter().map(|c| c.rows).sum();
+    let (code, out, err) = p.run(&[
+        "bench",
+        "loader",
+        "--slices",
+        "p.toml:slice",
+        "--epochs",
+        "2",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("kpipe loader: ")
+            && out.contains(&format!("median of 2 epochs of {slices} slices of 32x32"))
+            && out.contains("random flips"),
+        "{out}"
+    );
+    // A node that is not there: a usage error naming the slice nodes that are.
+    let (code, _, err) = p.run(&["bench", "loader", "--slices", "p.toml:slcie"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("no node `slcie`") && err.contains("slice stores there: slice"),
+        "{err}"
+    );
+}
