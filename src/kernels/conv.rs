@@ -1,16 +1,18 @@
 //! `k x k` convolutions with stride 1 and 'same' zero padding (`k` odd: the networks' 3x3
 //! and 1x1): the forward pass and both gradients.
 //!
-//! One work item is a band of output rows of one image: its columns (im2col, a shifted
-//! copy of each input row) go to a buffer of the item's own, and one GEMM multiplies the
-//! weights, as stored (`[co, ci*k*k]`), into the output rows, written in place in NCHW.
-//! A 1x1 convolution needs no columns: the GEMM reads the input where it lies.
+//! All three are GEMMs on [`packed`]'s kernel. The forward pass and the input gradient
+//! (a convolution with the weights flipped and transposed) multiply the weights, as
+//! stored (`[co, ci*k*k]`), into bands of output rows, written in place in NCHW; their
+//! `B` is the input's columns (its rows shifted by each tap), read in place from a
+//! zero-padded copy for rows of [`NR`] pixels or more, else packed straight from the
+//! image. The weight gradient multiplies the output gradient by the columns transposed,
+//! read in place from the input laid out as padded NHWC.
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm, mat};
 use super::packed::{self, Init, NR, Out, Weights};
-use super::{Nchw, REDUCE_GROUPS, Shared, band, filled, reduce_in_order, scratch, with_scratch};
+use super::{Nchw, REDUCE_GROUPS, Shared, filled, reduce_in_order, scratch, with_scratch};
 
 /// Floats a band's column buffer aims at (128 KiB: it and the GEMM's packed panels stay
 /// in L2; larger bands measured slower on a Zen 3 core).
@@ -120,30 +122,6 @@ impl Tiling {
     }
 }
 
-/// Columns of output rows `r0..r1` of one image `x` (`c x h x w`): row `(ci, dy, dx)`,
-/// at `col[row * ld..]`, `(r1 - r0) * w` long, holds `x[ci, r + dy - p, j + dx - p]`,
-/// zero outside the image.
-#[allow(clippy::too_many_arguments)]
-fn im2col(
-    x: &[f32],
-    c: usize,
-    h: usize,
-    w: usize,
-    k: usize,
-    r0: usize,
-    r1: usize,
-    col: &mut [f32],
-    ld: usize,
-) {
-    let px = (r1 - r0) * w;
-    for (ci, plane) in x[..c * h * w].chunks_exact(h * w).enumerate() {
-        for shift in 0..k * k {
-            let dst = &mut col[(ci * k * k + shift) * ld..][..px];
-            shifted_rows(plane, h, w, k, shift, r0, r1, dst);
-        }
-    }
-}
-
 /// Rows `r0..r1` of one channel `plane` (`h x w`) shifted by `shift` = `dy * k + dx`:
 /// `out[(r - r0) * w + j] = plane[r + dy - p, j + dx - p]`, zero outside the image.
 #[allow(clippy::too_many_arguments)]
@@ -178,36 +156,6 @@ fn shifted_rows(
     }
 }
 
-/// The columns of an item, `depth x px` (images side by side), at the start of `buf`.
-fn item_columns<'a>(
-    x: &[f32],
-    s: Nchw,
-    k: usize,
-    it: Item,
-    buf: &'a mut Vec<f32>,
-) -> (&'a [f32], usize) {
-    let plane = s.plane();
-    let band = (it.r1 - it.r0) * s.w;
-    let px = (it.n1 - it.n0) * band;
-    let col = scratch(buf, s.c * k * k * px);
-    for (i, n) in (it.n0..it.n1).enumerate() {
-        let xn = &x[n * s.c * plane..(n + 1) * s.c * plane];
-        im2col(xn, s.c, s.h, s.w, k, it.r0, it.r1, &mut col[i * band..], px);
-    }
-    (col, px)
-}
-
-/// What the GEMM of an item multiplies the weights with: the input itself for a 1x1
-/// convolution of one image's band, else the item's columns (built in `col`).
-fn item_matrix<'a>(x: &'a [f32], s: Nchw, k: usize, it: Item, col: &'a mut Vec<f32>) -> Mat<'a> {
-    if k == 1 && it.n1 - it.n0 == 1 {
-        band(x, s, it.n0, it.r0, it.r1)
-    } else {
-        let (col, px) = item_columns(x, s, k, it, col);
-        mat(col, s.c * k * k, px)
-    }
-}
-
 /// Pixels a work item of the forward pass aims at (its packed columns stay in L2).
 const ITEM_PX: usize = 256;
 
@@ -221,7 +169,8 @@ impl Tiling {
     }
 }
 
-/// Writes rows `k0..k0 + kb` of item `it`'s columns (see [`im2col`]) into `buf` as
+/// Writes rows `k0..k0 + kb` of item `it`'s columns (depth row `(ci, dy, dx)` holds
+/// `x[ci, r + dy - p, j + dx - p]`, zero outside the image) into `buf` as
 /// packed panels ([`packed::put`]); `row` is scratch space for a padded input row.
 #[allow(clippy::too_many_arguments)]
 fn pack_columns(
@@ -276,7 +225,7 @@ fn pack_columns(
 }
 
 /// [`pack_columns`] for rows narrower than a panel: each depth row of an image's band is
-/// built whole (as [`im2col`] does), then packed in one run.
+/// built whole ([`shifted_rows`]), then packed in one run.
 #[allow(clippy::too_many_arguments)]
 fn pack_narrow_columns(
     x: &[f32],
@@ -480,9 +429,15 @@ const DW_GROUP_PX: usize = 2048;
 const DW_BLOCK_CHANNELS: usize = 64;
 
 /// The weights' gradient `[co, s.c, k, k]`: `x` of shape `s`, `dy` `[s.n, co, s.h, s.w]`.
-/// Per item one GEMM `dy_item x columns^T`, the pixels its depth. Items fall into fixed
-/// groups (fewer for small maps), each summed in order, the groups then in order; with
-/// few groups the output channels are split into blocks as well, for the threads.
+/// `dW = dY X^T`, the pixels its depth, on [`packed`]'s kernel: `A` is `dY` (channels by
+/// pixels), and `B` is read in place from `x` laid out as padded NHWC ([`padded_nhwc`]):
+/// a row of `B` is one pixel's [`NR`] channels at one shift, contiguous. The products come
+/// out with the depth ordered (shift, channel), and are put back in `[ci, k, k]` order at
+/// the end. Items (bands, as the forward pass cuts them) fall into fixed groups (fewer
+/// for small maps); each element of a group's sum is one FMA chain over the group's
+/// pixels in order, and the groups are then added in order; with few groups the output
+/// channels are split into blocks as well, for the threads. No cut depends on the thread
+/// count.
 pub fn backward_weight(x: &[f32], s: Nchw, dy: &[f32], co: usize, k: usize) -> Vec<f32> {
     backward_weight_tiled(x, s, dy, co, k, Tiling::new(s.c * k * k, s))
 }
@@ -495,6 +450,10 @@ fn backward_weight_tiled(
     k: usize,
     tiling: Tiling,
 ) -> Vec<f32> {
+    assert!(
+        k % 2 == 1,
+        "'same' convolutions need an odd kernel, not {k}"
+    );
     assert_eq!(x.len(), s.len(), "input does not match its shape");
     let plane = s.plane();
     assert_eq!(
@@ -502,7 +461,8 @@ fn backward_weight_tiled(
         s.n * co * plane,
         "gradient does not match its shape"
     );
-    let depth = s.c * k * k;
+    let (kk, c) = (k * k, s.c);
+    let depth = c * kk;
     let items = tiling.count();
     if items == 0 || plane == 0 {
         return vec![0.0; co * depth];
@@ -515,25 +475,33 @@ fn backward_weight_tiled(
     } else {
         1
     };
+    let (p, hp, wp) = (k / 2, s.h + k - 1, s.w + k - 1);
+    let xt = padded_nhwc(x, s, p);
+    // Tiles of B: shift e, channels cb * NR..; its column 0 is depth e * c + cb * NR.
+    let per_shift = c.div_ceil(NR);
+    let tiles = kk * per_shift;
+    let tile_of = |j: usize| {
+        let (e, cb) = (j / per_shift, j % per_shift);
+        (
+            ((e / k) * wp + e % k) * c + cb * NR,
+            e * c + cb * NR,
+            NR.min(c - cb * NR),
+        )
+    };
     let parts: Vec<Vec<f32>> = (0..groups * blocks)
         .into_par_iter()
         .map(|gb| {
             let (g, b) = (gb / blocks, gb % blocks);
             let (c0, c1) = (b * co / blocks, (b + 1) * co / blocks);
-            let mut acc = vec![0.0; (c1 - c0) * depth];
-            with_scratch(|col, dyb, _| {
+            let mut acc = vec![0.0f32; (c1 - c0) * depth];
+            with_scratch(|dyb, _, _| {
                 for (j, i) in (g * items / groups..(g + 1) * items / groups).enumerate() {
                     let it = tiling.item(i);
                     let band = (it.r1 - it.r0) * s.w;
                     let px = (it.n1 - it.n0) * band;
-                    let lhs = if it.n1 - it.n0 == 1 {
-                        Mat {
-                            data: &dy[(it.n0 * co + c0) * plane + it.r0 * s.w..],
-                            rows: c1 - c0,
-                            cols: px,
-                            rs: plane,
-                            cs: 1,
-                        }
+                    // A: the item's gradient rows c0..c1, each `lda` after the last.
+                    let (da, lda): (&[f32], usize) = if it.n1 - it.n0 == 1 {
+                        (&dy[(it.n0 * co + c0) * plane + it.r0 * s.w..], plane)
                     } else {
                         let dyb = scratch(dyb, (c1 - c0) * px);
                         for (i, n) in (it.n0..it.n1).enumerate() {
@@ -543,10 +511,44 @@ fn backward_weight_tiled(
                                 );
                             }
                         }
-                        mat(dyb, c1 - c0, px)
+                        (dyb, px)
                     };
-                    let cols = item_matrix(x, s, k, it, col);
-                    gemm(&mut acc, depth, 1, lhs, cols.t(), j > 0);
+                    let a = Weights::new(
+                        c1 - c0,
+                        px,
+                        packed::depth_block_in_place(c1 - c0),
+                        |r, t| da[r * lda + t],
+                    );
+                    let all = a.pack_all();
+                    // Pixel t of the item: image n0 + t / band, row r0 + t % band / w.
+                    let offsets: Vec<usize> = (0..px)
+                        .map(|t| {
+                            let (n, q) = (it.n0 + t / band, t % band);
+                            ((n * hp + it.r0 + q / s.w) * wp + q % s.w) * c
+                        })
+                        .collect();
+                    let out = acc.as_mut_ptr();
+                    let tile_at = |j: usize| {
+                        let (b_at, c_at, ncols) = tile_of(j);
+                        (xt[b_at..].as_ptr(), out.wrapping_add(c_at), ncols)
+                    };
+                    let init = if j == 0 { Init::Set(None) } else { Init::Add };
+                    // SAFETY: B: tile j's reads start at its shift and channel block in
+                    // `xt` and run at most NR past the last pixel's offset: inside its
+                    // padded image plus the NR floats of slack; C: `acc`, this unit's own,
+                    // `c1 - c0` rows of `depth`, the tile's columns inside a row.
+                    unsafe {
+                        packed::multiply_in_place(
+                            &a,
+                            &all,
+                            0..a.panels(),
+                            tiles,
+                            tile_at,
+                            &offsets,
+                            depth,
+                            init,
+                        );
+                    };
                 }
             });
             acc
@@ -554,7 +556,43 @@ fn backward_weight_tiled(
         .collect();
     // Each group's blocks are its rows in order; then the groups are summed in order.
     let groups_full: Vec<Vec<f32>> = parts.chunks(blocks).map(|b| b.concat()).collect();
-    reduce_in_order(groups_full)
+    let sum = reduce_in_order(groups_full);
+    // (o, e * c + i) -> (o, i * kk + e)
+    let mut dw = vec![0.0; co * depth];
+    for (row, src) in dw.chunks_exact_mut(depth).zip(sum.chunks_exact(depth)) {
+        for e in 0..kk {
+            for i in 0..c {
+                row[i * kk + e] = src[e * c + i];
+            }
+        }
+    }
+    dw
+}
+
+/// `x` (shape `s`) as padded NHWC: pixel `(n, r, j)` of the image padded by `p` zeros
+/// (`h + 2p` by `w + 2p`) at `((n (h + 2p) + r) (w + 2p) + j) c`, its channels in a
+/// row; [`NR`] floats of zeros after the last.
+fn padded_nhwc(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
+    let (hp, wp, c, plane) = (s.h + 2 * p, s.w + 2 * p, s.c, s.plane());
+    let mut xt = vec![0.0; s.n * hp * wp * c + NR];
+    xt[..s.n * hp * wp * c]
+        .par_chunks_mut(hp * wp * c)
+        .zip(x.par_chunks(c * plane))
+        .for_each(|(dst, img)| {
+            for r in 0..s.h {
+                let line = &mut dst[((r + p) * wp + p) * c..][..s.w * c];
+                for (ci, src) in img.chunks_exact(plane).enumerate() {
+                    for (d, v) in line[ci..]
+                        .iter_mut()
+                        .step_by(c)
+                        .zip(&src[r * s.w..(r + 1) * s.w])
+                    {
+                        *d = *v;
+                    }
+                }
+            }
+        });
+    xt
 }
 
 #[cfg(test)]

@@ -3,10 +3,11 @@
 //! burn-flex's own convolution re-lays the weights and copies the input to NHWC on every
 //! call, and its gradients run through burn's generic defaults (a transposed convolution
 //! with a scalar col2im for the input, a skinny GEMM for the weights). These kernels do
-//! the study networks' shapes directly: im2col straight from NCHW rows into a tile of
-//! columns, one GEMM per tile (the `gemm` crate, AVX2 or AVX-512 chosen at run time),
-//! the input gradient as a convolution with the flipped weights, the weight gradient as
-//! GEMMs with the long pixel axis as their depth.
+//! the study networks' shapes directly: the 3x3 and 1x1 convolutions on a GEMM of kpipe's
+//! own ([`packed`]: the input's columns read in place or packed straight from NCHW rows,
+//! the input gradient as a convolution with the flipped weights, the weight gradient
+//! with the long pixel axis as its depth, from the input as padded NHWC); the 2x2
+//! transposed convolutions on the `gemm` crate (AVX2 or AVX-512 chosen at run time).
 //!
 //! Work is split over (image, tile) items on rayon's pool, each item a single-threaded
 //! GEMM whose result does not depend on which thread runs it; reductions (weight and
