@@ -78,17 +78,14 @@ fn slicing(args: &SlicingArgs, out: &mut impl Write) -> Result<i32, CliError> {
     Ok(exit::OK)
 }
 
-/// U-Net training (`train`) or inference steps, on a global pool of `b.threads` threads
-/// (the CPU backend's), on the device `b.backend` names.
+/// U-Net training (`train`) or inference steps, on a pool of `b.threads` threads (the
+/// CPU backend's, as a training node's), on the device `b.backend` names.
 fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError> {
-    let _ = rayon::ThreadPoolBuilder::new()
-        .num_threads(b.threads.max(1))
-        .build_global();
     let kind = b.backend.kind();
     let precision = b.precision.precision();
     let device = crate::backend::device(kind, 0, precision).map_err(CliError::Usage)?;
     let name = crate::backend::describe(&device, kind);
-    let rate = crate::bench::bench_unet(&crate::bench::NetBench {
+    let bench = crate::bench::NetBench {
         train,
         size: b.size,
         base: b.base,
@@ -97,7 +94,8 @@ fn net(train: bool, b: &NetBench, out: &mut impl Write) -> Result<i32, CliError>
         steps: b.steps.max(1),
         warmup: b.warmup.max(1),
         device,
-    });
+    };
+    let rate = crate::backend::on_pool(b.threads, || crate::bench::bench_unet(&bench));
     let what = if train { "train" } else { "infer" };
     writeln!(
         out,

@@ -30,7 +30,9 @@ pub(super) fn run(
     }
     for (input, output) in &pairs {
         bar.set_message(input.display().to_string());
-        crate::predict::predict_volume(&net, &file, &device, input, output, args.batch_size)?;
+        crate::backend::on_pool(crate::backend::cores(), || {
+            crate::predict::predict_volume(&net, &file, &device, input, output, args.batch_size)
+        })?;
         bar.inc(1);
         writeln!(out, "{} -> {}", input.display(), output.display())?;
     }

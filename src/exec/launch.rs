@@ -23,6 +23,8 @@ pub struct Job<'a> {
     pub inputs: &'a [(String, Entry)],
     /// The device (GPU adapter index) a training node runs on; 0 otherwise.
     pub device: usize,
+    /// CPU threads the node's kernels run on ([`crate::backend::on_pool`]).
+    pub threads: usize,
     pub reporter: &'a dyn Reporter,
 }
 
@@ -102,6 +104,7 @@ pub fn run_one(
         key: &key,
         inputs: &inputs,
         device: 0,
+        threads: crate::backend::cores(),
         reporter,
     })
 }
@@ -122,6 +125,7 @@ fn run_node(job: &Job<'_>) -> Result<Done, NodeError> {
         key,
         inputs: input_entries,
         device,
+        threads,
         reporter,
     } = job;
     let st = &plan.spec.stages[i];
@@ -190,7 +194,7 @@ fn run_node(job: &Job<'_>) -> Result<Done, NodeError> {
         progress: &progress,
     };
     tracing::info!("running");
-    st.stage.run(&ctx)?;
+    crate::backend::on_pool(threads, || st.stage.run(&ctx))?;
     let seconds = start.elapsed().as_secs_f64();
     let manifest = Manifest {
         format: CACHE_FORMAT,

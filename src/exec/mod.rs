@@ -357,6 +357,12 @@ pub fn run_with(
                         _ => None,
                     })
                     .collect();
+                // the cores, shared by the trainings that may run at once
+                let threads = if uses_device {
+                    (crate::backend::cores() / opts.device_slots.max(1)).max(1)
+                } else {
+                    crate::backend::cores()
+                };
                 let tx = tx.clone();
                 scope.spawn(move || {
                     let job = Job {
@@ -366,6 +372,7 @@ pub fn run_with(
                         key: &key,
                         inputs: &inputs,
                         device: device.unwrap_or(0),
+                        threads,
                         reporter,
                     };
                     let result = launcher.launch(&job);
