@@ -381,15 +381,34 @@ fn forward_tiled(
 
 /// `x` (shape `s`) with `p` zeros around each plane, and [`NR`] floats of slack at the end.
 fn padded(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
+    use std::mem::MaybeUninit;
     let (hp, wp) = (s.h + 2 * p, s.w + 2 * p);
-    let mut xp = vec![0.0; s.n * s.c * hp * wp + NR];
-    xp.par_chunks_mut(hp * wp)
+    let body = s.n * s.c * hp * wp;
+    let zero = MaybeUninit::new(0.0f32);
+    let mut xp: Vec<f32> = Vec::with_capacity(body + NR);
+    let spare = &mut xp.spare_capacity_mut()[..body + NR];
+    // Each element written once (no zeroing pass first); planes in runs of ~16 KiB.
+    spare[..body]
+        .par_chunks_mut(hp * wp)
         .zip(x.par_chunks(s.plane()))
+        .with_min_len((4096 / (hp * wp).max(1)).max(1))
         .for_each(|(dst, src)| {
-            for (d, row) in dst[p * wp..].chunks_mut(wp).zip(src.chunks_exact(s.w)) {
-                d[p..p + s.w].copy_from_slice(row);
+            for (r, row) in dst.chunks_exact_mut(wp).enumerate() {
+                if r < p || r >= p + s.h {
+                    row.fill(zero);
+                    continue;
+                }
+                row[..p].fill(zero);
+                row[p + s.w..].fill(zero);
+                let line = &src[(r - p) * s.w..][..s.w];
+                for (d, v) in row[p..p + s.w].iter_mut().zip(line) {
+                    d.write(*v);
+                }
             }
         });
+    spare[body..].fill(zero);
+    // SAFETY: every one of the `body + NR` floats was written above.
+    unsafe { xp.set_len(body + NR) };
     xp
 }
 
@@ -425,8 +444,8 @@ fn backward_input_tiled(
 
 /// Pixels a weight-gradient group covers at least (fewer groups for smaller maps).
 const DW_GROUP_PX: usize = 2048;
-/// Output channels per block of a weight gradient split by channels.
-const DW_BLOCK_CHANNELS: usize = 64;
+/// Output channels a block of a weight gradient split by channels has at least.
+const DW_BLOCK_CHANNELS: usize = 16;
 
 /// The weights' gradient `[co, s.c, k, k]`: `x` of shape `s`, `dy` `[s.n, co, s.h, s.w]`.
 /// `dW = dY X^T`, the pixels its depth, on [`packed`]'s kernel: `A` is `dY` (channels by
@@ -470,11 +489,11 @@ fn backward_weight_tiled(
     let groups = (s.n * plane / DW_GROUP_PX)
         .clamp(1, REDUCE_GROUPS)
         .min(items);
-    let blocks = if groups < 4 {
-        (co / DW_BLOCK_CHANNELS).clamp(1, 4)
-    } else {
-        1
-    };
+    // Blocks of output channels are independent rows of the product: how many there are
+    // changes no bit, so they follow the threads (two units or more per thread).
+    let blocks = (2 * rayon::current_num_threads())
+        .div_ceil(groups)
+        .clamp(1, (co / DW_BLOCK_CHANNELS).max(1));
     let (p, hp, wp) = (k / 2, s.h + k - 1, s.w + k - 1);
     let xt = padded_nhwc(x, s, p);
     // Tiles of B: shift e, channels cb * NR..; its column 0 is depth e * c + cb * NR.
