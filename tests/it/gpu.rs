@@ -258,4 +258,11 @@ fn the_gpu_benchmark_names_its_adapter() {
         !text.contains("CPU (burn-flex)"),
         "the GPU's adapter, not the CPU: {text}"
     );
+    // the runtime, which names the shader compiler
+    let compiler = if cfg!(feature = "vulkan") {
+        "wgpu<spirv>"
+    } else {
+        "wgpu<wgsl>"
+    };
+    assert!(text.contains(compiler), "{compiler} in {text}");
 }
