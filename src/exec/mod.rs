@@ -87,7 +87,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            jobs: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            jobs: crate::backend::cores(),
             device_slots: 1,
             record_lock: true,
             fail_fast: false,
