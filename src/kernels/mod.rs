@@ -7,7 +7,8 @@
 //! own ([`packed`]: the input's columns read in place or packed straight from NCHW rows,
 //! the input gradient as a convolution with the flipped weights, the weight gradient
 //! with the long pixel axis as its depth, from the input as padded NHWC); the 2x2
-//! transposed convolutions on the `gemm` crate (AVX2 or AVX-512 chosen at run time).
+//! transposed convolutions on the `gemm` crate (AVX2 or AVX-512 chosen at run time); the
+//! 2x2 max pool.
 //!
 //! Work is split over (image, tile) items on rayon's pool, each item a single-threaded
 //! GEMM whose result does not depend on which thread runs it; reductions (weight and
@@ -20,6 +21,7 @@ pub mod conv;
 pub mod gemm;
 pub mod norm;
 pub mod packed;
+pub mod pool;
 pub mod upconv;
 
 /// Shape of an NCHW batch.

@@ -762,6 +762,7 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::print_stderr)] // which kernels this machine could check
     fn the_portable_kernel_gives_the_fast_kernels_bits() {
         let kb = 37;
         let a = values(kb * MR, 4);

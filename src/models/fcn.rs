@@ -107,7 +107,7 @@ impl Fcn {
             for conv in block {
                 x = conv.forward(x);
             }
-            x = self.pool.forward(x);
+            x = ops::max_pool2d(&self.pool, x);
             pools.push(x.clone());
         }
         let mut x = self.fc.forward(x);

@@ -15,6 +15,7 @@ use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::module::Param;
 use burn::nn::conv::{Conv2d, ConvTranspose2d};
+use burn::nn::pool::MaxPool2d;
 use burn::nn::{BatchNorm, PaddingConfig2d};
 use burn::tensor::activation;
 use burn::tensor::{DType, Device, Shape, Tensor, TensorData};
@@ -48,6 +49,8 @@ pub trait KernelOps: Backend {
         epsilon: f64,
         relu: bool,
     ) -> FloatTensor<Self>;
+    /// 2x2 max pool, stride 2, no padding.
+    fn kp_pool2(x: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 /// `conv.forward(x)`, on the CPU kernels where they apply.
@@ -94,6 +97,25 @@ pub fn conv_transpose2d(conv: &ConvTranspose2d, x: Tensor<4>) -> Tensor<4> {
         conv.weight.val().into_dispatch(),
         bias.into_dispatch(),
     ))
+}
+
+/// `pool.forward(x)`, on the CPU kernels where they apply (2x2, stride 2, unpadded).
+pub fn max_pool2d(pool: &MaxPool2d, x: Tensor<4>) -> Tensor<4> {
+    let unpadded = match pool.padding {
+        PaddingConfig2d::Valid => true,
+        PaddingConfig2d::Explicit(t, l, b, r) => [t, l, b, r] == [0; 4],
+        PaddingConfig2d::Same => false,
+    };
+    let [_, _, h, w] = x.dims();
+    let fits = pool.kernel_size == [2, 2]
+        && pool.stride == [2, 2]
+        && pool.dilation == [1, 1]
+        && unpadded
+        && (!pool.ceil_mode || (h % 2 == 0 && w % 2 == 0));
+    if !(fits && on_kernels(&x)) {
+        return pool.forward(x);
+    }
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kp_pool2(x.into_dispatch()))
 }
 
 /// `bn.forward(x)`, followed by a ReLU with `relu`: one fused operation on the CPU
@@ -321,6 +343,25 @@ mod glue {
         )
     }
 
+    pub fn pool2(x: &FlexTensor) -> FlexTensor {
+        let x = contiguous(x);
+        let s = nchw(&x);
+        let o = kernels::pool::pooled(s);
+        tensor(
+            kernels::pool::forward(floats(&x), s),
+            vec![o.n, o.c, o.h, o.w],
+        )
+    }
+
+    pub fn pool2_dx(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
+        let (x, dy) = (contiguous(x), contiguous(dy));
+        let s = nchw(&x);
+        tensor(
+            kernels::pool::backward(floats(&x), s, floats(&dy)),
+            vec![s.n, s.c, s.h, s.w],
+        )
+    }
+
     pub fn up2_dw(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
         let (x, dy) = (contiguous(x), contiguous(dy));
         let s = nchw(&x);
@@ -352,6 +393,26 @@ impl KernelOps for Flex {
         relu: bool,
     ) -> FlexTensor {
         glue::bn(&x, &gamma, &beta, &stats, epsilon, relu)
+    }
+
+    fn kp_pool2(x: FlexTensor) -> FlexTensor {
+        glue::pool2(&x)
+    }
+}
+
+/// The backward step of the max pool: the state is its input.
+#[derive(Debug)]
+struct PoolBackward;
+
+impl Backward<Flex, 1> for PoolBackward {
+    type State = FlexTensor;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let [node_x] = ops.parents;
+        let dy = grads.consume::<Flex>(&ops.node);
+        if let Some(node) = node_x {
+            grads.register::<Flex>(node.id, glue::pool2_dx(&ops.state, &dy));
+        }
     }
 }
 
@@ -488,6 +549,21 @@ impl<C: CheckpointStrategy> KernelOps for Autodiff<Flex, C> {
             )),
         }
     }
+
+    fn kp_pool2(x: AdTensor<C>) -> AdTensor<C> {
+        match PoolBackward
+            .prepare::<C>([x.node()])
+            .compute_bound()
+            .stateful()
+        {
+            OpsKind::Tracked(prep) => {
+                let xp = x.primitive().clone();
+                let y = glue::pool2(&xp);
+                prep.finish(xp, y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(glue::pool2(x.primitive())),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -581,6 +657,29 @@ mod tests {
         assert!(rel_err(w.grad(&g1).unwrap(), w.grad(&g2).unwrap()) < TOL);
         let b = up.bias.as_ref().unwrap().val();
         assert!(rel_err(b.grad(&g1).unwrap(), b.grad(&g2).unwrap()) < TOL);
+    }
+
+    #[test]
+    fn kernel_max_pool_agrees_with_burns_in_values_and_gradients() {
+        use burn::nn::pool::MaxPool2dConfig;
+        let device = Device::flex().autodiff();
+        device.seed(5);
+        let pool = MaxPool2dConfig::new([2, 2]).init();
+        // Odd sizes (the last row and column dropped), with and without autodiff.
+        let x = Tensor::<4>::random([2, 3, 9, 6], Distribution::Default, &device).require_grad();
+        let probe = Tensor::<4>::random([2, 3, 4, 3], Distribution::Default, &device);
+        let (ours, theirs) = (max_pool2d(&pool, x.clone()), pool.forward(x.clone()));
+        assert_eq!(ours.dims(), [2, 3, 4, 3]);
+        assert_eq!(rel_err(ours.clone(), theirs.clone()), 0.0, "forward");
+        let g1 = (ours * probe.clone()).sum().backward();
+        let g2 = (theirs * probe).sum().backward();
+        assert_eq!(rel_err(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()), 0.0);
+        let plain = x.clone().inner();
+        assert_eq!(
+            rel_err(max_pool2d(&pool, plain.clone()), pool.forward(plain)),
+            0.0,
+            "inference"
+        );
     }
 
     #[test]

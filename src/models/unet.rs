@@ -104,7 +104,7 @@ impl UNet {
         let mut x = x;
         for level in &self.down {
             let y = level.forward(x);
-            x = self.pool.forward(y.clone());
+            x = ops::max_pool2d(&self.pool, y.clone());
             skips.push(y);
         }
         let mut x = self.bottom.forward(x);
