@@ -2,7 +2,7 @@
 //! and the gradients each in one or two passes over an NCHW batch, where burn's generic
 //! batch norm transposes the batch to `[channels, rest]` and makes a pass per operation.
 //!
-//! Sums run per channel plane in eight f32 lanes, then in f64 over the planes in order:
+//! Sums run per channel plane in f32 lanes, then in f64 over the planes in order:
 //! the same bits whatever the thread count.
 
 use rayon::prelude::*;
@@ -19,24 +19,6 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
         }
     }
     let tail: f32 = chunks.remainder().iter().map(|x| f(*x)).sum();
-    acc.iter().map(|a| *a as f64).sum::<f64>() + tail as f64
-}
-
-/// Sum of `f(a, b)` over two planes, in eight lanes.
-fn lane_sum2(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f64 {
-    let mut acc = [0.0f32; 8];
-    let (mut ca, mut cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    for (x, y) in (&mut ca).zip(&mut cb) {
-        for i in 0..8 {
-            acc[i] += f(x[i], y[i]);
-        }
-    }
-    let tail: f32 = ca
-        .remainder()
-        .iter()
-        .zip(cb.remainder())
-        .map(|(x, y)| f(*x, *y))
-        .sum();
     acc.iter().map(|a| *a as f64).sum::<f64>() + tail as f64
 }
 
@@ -138,42 +120,52 @@ pub fn normalize_backward(
         .iter()
         .map(|v| (1.0 / (*v as f64 + eps).sqrt()) as f32)
         .collect();
-    // The gradient reaching the normalisation: dy where the ReLU passed it.
-    let g = |dy: f32, y: f32| if !relu || y > 0.0 { dy } else { 0.0 };
     let sums: Vec<(f32, f32)> = (0..s.c)
         .into_par_iter()
         .map(|c| {
-            let (m, iv) = (mean[c], inv[c]);
-            let mut dbeta = 0.0f64;
-            let mut dgamma = 0.0f64;
+            let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
             for n in 0..s.n {
                 let off = (n * s.c + c) * plane;
-                let (xs, ys, ds) = (&x[off..][..plane], &y[off..][..plane], &dy[off..][..plane]);
-                let gs: Vec<f32> = ds.iter().zip(ys).map(|(d, y)| g(*d, *y)).collect();
-                dbeta += lane_sum(&gs, |v| v);
-                dgamma += lane_sum2(&gs, xs, |gv, xv| gv * (xv - m) * iv);
+                let (b, g) = if relu {
+                    plane_sums::<true>(
+                        &x[off..][..plane],
+                        &y[off..][..plane],
+                        &dy[off..][..plane],
+                        mean[c],
+                    )
+                } else {
+                    plane_sums::<false>(
+                        &x[off..][..plane],
+                        &y[off..][..plane],
+                        &dy[off..][..plane],
+                        mean[c],
+                    )
+                };
+                dbeta += b;
+                dgamma += g;
             }
-            (dgamma as f32, dbeta as f32)
+            ((dgamma * inv[c] as f64) as f32, dbeta as f32)
         })
         .collect();
     let run = |out: Shared| {
         (0..s.n * s.c).into_par_iter().for_each(|i| {
             let c = i % s.c;
-            let (m, iv) = (mean[c], inv[c]);
             let (dgamma, dbeta) = sums[c];
-            let k = gamma[c] * iv;
-            let (mb, mg) = (dbeta / count, dgamma / count);
+            let k = Coefs {
+                mean: mean[c],
+                inv: inv[c],
+                scale: gamma[c] * inv[c],
+                dbeta: dbeta / count,
+                dgamma: dgamma / count,
+            };
             let off = i * plane;
             // SAFETY: plane i of `dx`, written by this item alone.
             let o = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(off), plane) };
-            for (((o, xv), yv), dv) in o
-                .iter_mut()
-                .zip(&x[off..][..plane])
-                .zip(&y[off..][..plane])
-                .zip(&dy[off..][..plane])
-            {
-                let xhat = (xv - m) * iv;
-                *o = k * (g(*dv, *yv) - mb - xhat * mg);
+            let (x, y, dy) = (&x[off..][..plane], &y[off..][..plane], &dy[off..][..plane]);
+            if relu {
+                plane_dx::<true>(o, x, y, dy, k);
+            } else {
+                plane_dx::<false>(o, x, y, dy, k);
             }
         });
     };
@@ -181,6 +173,73 @@ pub fn normalize_backward(
     let dx = unsafe { filled(s.len(), run) };
     let (dgamma, dbeta) = sums.into_iter().unzip();
     (dx, dgamma, dbeta)
+}
+
+/// Lanes the gradient's loops run in (a 16-float register, or two of 8).
+const LANES: usize = 16;
+
+/// The gradient reaching the normalisation: `dy` where the ReLU (if `RELU`) passed it.
+#[inline(always)]
+fn passed<const RELU: bool>(dy: f32, y: f32) -> f32 {
+    if !RELU || y > 0.0 { dy } else { 0.0 }
+}
+
+/// `(sum g, sum g (x - mean))` over a plane, `g` the gradient [`passed`], in [`LANES`]
+/// lanes then in f64.
+fn plane_sums<const RELU: bool>(x: &[f32], y: &[f32], dy: &[f32], mean: f32) -> (f64, f64) {
+    let (mut sb, mut sg) = ([0.0f32; LANES], [0.0f32; LANES]);
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (yc, yr) = y.as_chunks::<LANES>();
+    let (dc, dr) = dy.as_chunks::<LANES>();
+    for ((x, y), d) in xc.iter().zip(yc).zip(dc) {
+        for j in 0..LANES {
+            let g = passed::<RELU>(d[j], y[j]);
+            sb[j] += g;
+            sg[j] += g * (x[j] - mean);
+        }
+    }
+    let (mut b, mut g) = (0.0f64, 0.0f64);
+    for ((x, y), d) in xr.iter().zip(yr).zip(dr) {
+        let gv = passed::<RELU>(*d, *y);
+        b += gv as f64;
+        g += (gv * (x - mean)) as f64;
+    }
+    (
+        b + sb.iter().map(|v| *v as f64).sum::<f64>(),
+        g + sg.iter().map(|v| *v as f64).sum::<f64>(),
+    )
+}
+
+/// A channel's constants in its input gradient.
+#[derive(Clone, Copy)]
+struct Coefs {
+    mean: f32,
+    inv: f32,
+    /// gamma / sqrt(var + eps)
+    scale: f32,
+    /// dbeta and dgamma over the element count
+    dbeta: f32,
+    dgamma: f32,
+}
+
+/// `dx = scale (g - dbeta/count - xhat dgamma/count)` over a plane, `g` [`passed`].
+fn plane_dx<const RELU: bool>(o: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], k: Coefs) {
+    let one = |x: f32, y: f32, d: f32| {
+        let xhat = (x - k.mean) * k.inv;
+        k.scale * (passed::<RELU>(d, y) - k.dbeta - xhat * k.dgamma)
+    };
+    let (oc, or) = o.as_chunks_mut::<LANES>();
+    let (xc, xr) = x.as_chunks::<LANES>();
+    let (yc, yr) = y.as_chunks::<LANES>();
+    let (dc, dr) = dy.as_chunks::<LANES>();
+    for (((o, x), y), d) in oc.iter_mut().zip(xc).zip(yc).zip(dc) {
+        for j in 0..LANES {
+            o[j] = one(x[j], y[j], d[j]);
+        }
+    }
+    for (((o, x), y), d) in or.iter_mut().zip(xr).zip(yr).zip(dr) {
+        *o = one(*x, *y, *d);
+    }
 }
 
 #[cfg(test)]
