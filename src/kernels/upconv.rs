@@ -41,63 +41,173 @@ fn unshuffle(dy: &[f32], co: usize, s: Nchw, n: usize, (r0, r1): (usize, usize),
 /// `y` is `[s.n, co, 2 s.h, 2 s.w]`.
 pub fn forward(x: &[f32], s: Nchw, weight: &[f32], co: usize, bias: Option<&[f32]>) -> Vec<f32> {
     let rows = band_rows(s.c.max(co * 4), s.h, s.w);
-    forward_in_bands(x, s, weight, co, bias, rows)
+    let dest = Dest {
+        first: 0,
+        channels: co,
+        relu: false,
+    };
+    // SAFETY: the bands write every element of the `[s.n, co, 2 s.h, 2 s.w]` output.
+    unsafe {
+        filled(s.n * co * 4 * s.plane(), |out| {
+            forward_in_bands(x, s, weight, co, bias, rows, out, dest);
+        })
+    }
 }
 
-fn forward_in_bands(
+/// The U-Net's up step: `cat([skip, relu(conv_transpose(x, weight) + bias)], 1)`, the
+/// transposed convolution written straight into its channels of the result. `skip` is
+/// `[s.n, cs, 2 s.h, 2 s.w]`; the result `[s.n, cs + co, 2 s.h, 2 s.w]`.
+pub fn forward_cat(
+    skip: &[f32],
+    x: &[f32],
+    s: Nchw,
+    weight: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let out_plane = 4 * s.plane();
+    let cs = skip.len() / (s.n * out_plane).max(1);
+    assert_eq!(
+        skip.len(),
+        s.n * cs * out_plane,
+        "skip does not match the output's size"
+    );
+    let rows = band_rows(s.c.max(co * 4), s.h, s.w);
+    let dest = Dest {
+        first: cs,
+        channels: cs + co,
+        relu: true,
+    };
+    let run = |out: Shared| {
+        // Each image's skip channels are one run of the result.
+        skip.par_chunks(cs * out_plane)
+            .with_min_len(1)
+            .enumerate()
+            .for_each(|(n, src)| {
+                // SAFETY: image n's first cs channels, written by this item alone.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.ptr().add(n * (cs + co) * out_plane),
+                        src.len(),
+                    )
+                };
+                dst.copy_from_slice(src);
+            });
+        // SAFETY: channels cs.. of every image, disjoint from the skip's.
+        unsafe { forward_in_bands(x, s, weight, co, bias, rows, out, dest) };
+    };
+    // SAFETY: the copies write the skip's channels of every image, the bands the rest.
+    unsafe { filled(s.n * (cs + co) * out_plane, run) }
+}
+
+/// Where [`forward_in_bands`] writes: channels `first..first + co` of an output of
+/// `channels` channels per image, through a ReLU with `relu`.
+#[derive(Clone, Copy)]
+struct Dest {
+    first: usize,
+    channels: usize,
+    relu: bool,
+}
+
+/// # Safety
+/// `out` holds `s.n * dest.channels` output planes (`2 s.h x 2 s.w`), `dest.first + co`
+/// at most `dest.channels`, and nothing else touches their channels `dest.first..` during
+/// the call.
+#[allow(clippy::too_many_arguments)]
+unsafe fn forward_in_bands(
     x: &[f32],
     s: Nchw,
     weight: &[f32],
     co: usize,
     bias: Option<&[f32]>,
     rows: usize,
-) -> Vec<f32> {
+    out: Shared,
+    dest: Dest,
+) {
     assert_eq!(x.len(), s.len(), "input does not match its shape");
     assert_eq!(weight.len(), s.c * co * 4, "weight is not [ci, co, 2, 2]");
-    let plane = s.plane();
+    assert!(dest.first + co <= dest.channels);
     if let Some(b) = bias {
         assert_eq!(b.len(), co, "bias is not [co]");
     }
     let bands = Bands::new(rows, s.h);
     let wt = mat(weight, s.c, co * 4).t();
     let (oh, ow) = (2 * s.h, 2 * s.w);
-    let run = |out: Shared| {
-        (0..s.n * bands.count).into_par_iter().for_each(|i| {
-            with_scratch(|t, _, _| {
-                let (n, r0, r1) = bands.item(i);
-                let px = (r1 - r0) * s.w;
-                let rhs = band(x, s, n, r0, r1);
-                let t = scratch(t, co * 4 * px);
-                gemm(t, px, 1, wt, rhs, false);
-                for o in 0..co {
-                    let b = bias.map_or(0.0, |b| b[o]);
-                    // SAFETY: output rows 2*r0..2*r1 of channel o of image n: inside `y`
-                    // (checked length), and no other item's rows.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(
-                            out.ptr().add(((n * co + o) * oh + 2 * r0) * ow),
-                            2 * (r1 - r0) * ow,
-                        )
-                    };
-                    for a in 0..2 {
-                        for bb in 0..2 {
-                            let src = &t[(o * 4 + a * 2 + bb) * px..][..px];
-                            for (i, line) in src.chunks_exact(s.w).enumerate() {
-                                let row = &mut dst[(2 * i + a) * ow..][..ow];
-                                for (d, v) in row[bb..].iter_mut().step_by(2).zip(line) {
-                                    *d = v + b;
-                                }
+    (0..s.n * bands.count).into_par_iter().for_each(|i| {
+        with_scratch(|t, _, _| {
+            let (n, r0, r1) = bands.item(i);
+            let px = (r1 - r0) * s.w;
+            let rhs = band(x, s, n, r0, r1);
+            let t = scratch(t, co * 4 * px);
+            gemm(t, px, 1, wt, rhs, false);
+            for o in 0..co {
+                let b = bias.map_or(0.0, |b| b[o]);
+                let ch = n * dest.channels + dest.first + o;
+                // SAFETY: output rows 2*r0..2*r1 of channel `ch`: inside `out` (the
+                // caller's promise), and no other item's rows.
+                let dst = unsafe {
+                    std::slice::from_raw_parts_mut(
+                        out.ptr().add((ch * oh + 2 * r0) * ow),
+                        2 * (r1 - r0) * ow,
+                    )
+                };
+                for a in 0..2 {
+                    for bb in 0..2 {
+                        let src = &t[(o * 4 + a * 2 + bb) * px..][..px];
+                        for (i, line) in src.chunks_exact(s.w).enumerate() {
+                            let row = &mut dst[(2 * i + a) * ow..][..ow];
+                            for (d, v) in row[bb..].iter_mut().step_by(2).zip(line) {
+                                *d = if dest.relu { (v + b).max(0.0) } else { v + b };
                             }
                         }
                     }
                 }
-            });
+            }
         });
+    });
+}
+
+/// The gradient of [`forward_cat`]'s result `dy` (`[n, cs + co, h, w]`, `plane = h w`)
+/// split into the skip's (`[n, cs, h, w]`) and the transposed convolution's before its
+/// ReLU (`[n, co, h, w]`, zero where the result `y` is not positive).
+pub fn split_cat_gradient(
+    dy: &[f32],
+    y: &[f32],
+    n: usize,
+    cs: usize,
+    plane: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    assert_eq!(dy.len(), y.len(), "gradient and result differ in size");
+    let c = dy.len() / (n * plane).max(1);
+    assert!(
+        cs <= c && dy.len() == n * c * plane,
+        "not [n, c, h, w] with c >= cs"
+    );
+    let co = c - cs;
+    let img = c * plane;
+    // SAFETY: one item per image writes all of its part.
+    let dskip = unsafe {
+        filled(n * cs * plane, |out| {
+            (0..n).into_par_iter().for_each(|i| {
+                let d = std::slice::from_raw_parts_mut(out.ptr().add(i * cs * plane), cs * plane);
+                d.copy_from_slice(&dy[i * img..][..cs * plane]);
+            });
+        })
     };
-    // SAFETY: the bands cover every input row of every image once; each writes both
-    // output rows of each of its input rows, all four positions of each 2x2 block, for
-    // every channel.
-    unsafe { filled(s.n * co * 4 * plane, run) }
+    // SAFETY: as above.
+    let du = unsafe {
+        filled(n * co * plane, |out| {
+            (0..n).into_par_iter().for_each(|i| {
+                let d = std::slice::from_raw_parts_mut(out.ptr().add(i * co * plane), co * plane);
+                let at = i * img + cs * plane;
+                let (g, y) = (&dy[at..][..co * plane], &y[at..][..co * plane]);
+                for ((d, g), y) in d.iter_mut().zip(g).zip(y) {
+                    *d = if *y > 0.0 { *g } else { 0.0 };
+                }
+            });
+        })
+    };
+    (dskip, du)
 }
 
 /// The input's gradient `[n, ci, h, w]` from `dy` (`[s.n, co, 2 s.h, 2 s.w]`; `s` is the
@@ -238,7 +348,17 @@ mod tests {
             let w = values(s.c * co * 4, 2);
             let b = values(co, 3);
             let olen = s.n * co * 4 * s.plane();
-            let y = forward_in_bands(&x, s, &w, co, Some(&b), rows);
+            let dest = Dest {
+                first: 0,
+                channels: co,
+                relu: false,
+            };
+            // SAFETY: the bands write all of the output.
+            let y = unsafe {
+                filled(olen, |out| {
+                    forward_in_bands(&x, s, &w, co, Some(&b), rows, out, dest);
+                })
+            };
             assert!(
                 rel_err(&y, &naive(&x, s, &w, co, &b)) < 1e-5,
                 "forward rows={rows}"
@@ -252,6 +372,51 @@ mod tests {
             let dw = backward_weight_in_bands(&x, s, &dy, co, rows);
             let want = adjoint(w.len(), &dy, |u| naive(&x, s, u, co, &zero_b));
             assert!(rel_err(&dw, &want) < 1e-5, "weight gradient rows={rows}");
+        }
+    }
+
+    #[test]
+    fn the_up_step_is_the_skip_then_the_rectified_transposed_convolution() {
+        let s = Nchw {
+            n: 3,
+            c: 4,
+            h: 3,
+            w: 5,
+        };
+        let (co, cs, out_plane) = (2, 3, 4 * s.plane());
+        let x = values(s.len(), 5);
+        let w = values(s.c * co * 4, 6);
+        let b = values(co, 7);
+        let skip = values(s.n * cs * out_plane, 8);
+        let y = forward_cat(&skip, &x, s, &w, co, Some(&b));
+        let up = forward(&x, s, &w, co, Some(&b));
+        assert!(up.iter().any(|v| *v < 0.0), "the ReLU has something to do");
+        let mut want = Vec::new();
+        for n in 0..s.n {
+            want.extend_from_slice(&skip[n * cs * out_plane..][..cs * out_plane]);
+            want.extend(
+                up[n * co * out_plane..][..co * out_plane]
+                    .iter()
+                    .map(|v| v.max(0.0)),
+            );
+        }
+        assert_eq!(y, want);
+
+        let dy = values(y.len(), 9);
+        let (dskip, du) = split_cat_gradient(&dy, &y, s.n, cs, out_plane);
+        for n in 0..s.n {
+            let img = &dy[n * (cs + co) * out_plane..][..(cs + co) * out_plane];
+            assert_eq!(
+                &dskip[n * cs * out_plane..][..cs * out_plane],
+                &img[..cs * out_plane]
+            );
+            for (i, g) in du[n * co * out_plane..][..co * out_plane]
+                .iter()
+                .enumerate()
+            {
+                let at = n * (cs + co) * out_plane + cs * out_plane + i;
+                assert_eq!(*g, if y[at] > 0.0 { dy[at] } else { 0.0 });
+            }
         }
     }
 }

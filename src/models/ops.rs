@@ -51,6 +51,13 @@ pub trait KernelOps: Backend {
     ) -> FloatTensor<Self>;
     /// 2x2 max pool, stride 2, no padding.
     fn kp_pool2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// `cat([skip, relu(kp_up2(x, weight, bias))], 1)`: the U-Net's up step.
+    fn kp_up2_cat(
+        skip: FloatTensor<Self>,
+        x: FloatTensor<Self>,
+        weight: FloatTensor<Self>,
+        bias: FloatTensor<Self>,
+    ) -> FloatTensor<Self>;
 }
 
 /// `conv.forward(x)`, on the CPU kernels where they apply.
@@ -80,19 +87,39 @@ pub fn conv2d(conv: &Conv2d, x: Tensor<4>) -> Tensor<4> {
     ))
 }
 
-/// `conv.forward(x)`, on the CPU kernels where they apply.
-pub fn conv_transpose2d(conv: &ConvTranspose2d, x: Tensor<4>) -> Tensor<4> {
-    let fits = conv.kernel_size == [2, 2]
+/// Whether the kernels do `conv`: 2x2, stride 2, unpadded, ungrouped.
+fn up2_fits(conv: &ConvTranspose2d) -> bool {
+    conv.kernel_size == [2, 2]
         && conv.stride == [2, 2]
         && conv.padding == [0, 0]
         && conv.padding_out == [0, 0]
         && conv.dilation == [1, 1]
-        && conv.groups == 1;
-    if !(fits && on_kernels(&x)) {
+        && conv.groups == 1
+}
+
+/// `conv.forward(x)`, on the CPU kernels where they apply.
+pub fn conv_transpose2d(conv: &ConvTranspose2d, x: Tensor<4>) -> Tensor<4> {
+    if !(up2_fits(conv) && on_kernels(&x)) {
         return conv.forward(x);
     }
     let bias = bias_or_zeros(&conv.bias, conv.weight.dims()[1], &x.device());
     Tensor::from_dispatch(<Dispatch as KernelOps>::kp_up2(
+        x.into_dispatch(),
+        conv.weight.val().into_dispatch(),
+        bias.into_dispatch(),
+    ))
+}
+
+/// The U-Net's up step, `cat([skip, relu(conv.forward(x))], 1)`: on the CPU kernels one
+/// operation that writes the transposed convolution into its channels of the result
+/// (no separate ReLU and concatenation passes, forward or backward).
+pub fn up_cat(conv: &ConvTranspose2d, skip: Tensor<4>, x: Tensor<4>) -> Tensor<4> {
+    if !(up2_fits(conv) && on_kernels(&x) && on_kernels(&skip)) {
+        return Tensor::cat(vec![skip, activation::relu(conv_transpose2d(conv, x))], 1);
+    }
+    let bias = bias_or_zeros(&conv.bias, conv.weight.dims()[1], &x.device());
+    Tensor::from_dispatch(<Dispatch as KernelOps>::kp_up2_cat(
+        skip.into_dispatch(),
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
         bias.into_dispatch(),
@@ -251,6 +278,63 @@ mod glue {
         tensor(y, vec![s.n, co, 2 * s.h, 2 * s.w])
     }
 
+    pub fn up2_cat(
+        skip: &FlexTensor,
+        x: &FlexTensor,
+        w: &FlexTensor,
+        b: &FlexTensor,
+    ) -> FlexTensor {
+        let (skip, x, w, b) = (
+            contiguous(skip),
+            contiguous(x),
+            contiguous(w),
+            contiguous(b),
+        );
+        let s = nchw(&x);
+        let sk = nchw(&skip);
+        let [ci, co, _, _] = w.layout().shape().dims::<4>();
+        assert_eq!(
+            ci, s.c,
+            "transposed convolution of {} channels with weights for {ci}",
+            s.c
+        );
+        assert_eq!(
+            (sk.n, sk.h, sk.w),
+            (s.n, 2 * s.h, 2 * s.w),
+            "skip of shape {sk:?} beside an up-sampled {s:?}"
+        );
+        let y = kernels::upconv::forward_cat(
+            floats(&skip),
+            floats(&x),
+            s,
+            floats(&w),
+            co,
+            Some(floats(&b)),
+        );
+        tensor(y, vec![s.n, sk.c + co, sk.h, sk.w])
+    }
+
+    /// The gradients `(skip, x, weight, bias)` of [`up2_cat`] from its result's `dy`.
+    pub fn up2_cat_grads(
+        dy: &FlexTensor,
+        y: &FlexTensor,
+        x: &FlexTensor,
+        w: &FlexTensor,
+        cs: usize,
+    ) -> [FlexTensor; 4] {
+        let (dy, y) = (contiguous(dy), contiguous(y));
+        let so = nchw(&dy);
+        let (dskip, du) =
+            kernels::upconv::split_cat_gradient(floats(&dy), floats(&y), so.n, cs, so.plane());
+        let du = tensor(du, vec![so.n, so.c - cs, so.h, so.w]);
+        [
+            tensor(dskip, vec![so.n, cs, so.h, so.w]),
+            up2_dx(&du, w),
+            up2_dw(x, &du),
+            bias_grad(&du),
+        ]
+    }
+
     pub fn up2_dx(dy: &FlexTensor, w: &FlexTensor) -> FlexTensor {
         let (dy, w) = (contiguous(dy), contiguous(w));
         let so = nchw(&dy);
@@ -397,6 +481,35 @@ impl KernelOps for Flex {
 
     fn kp_pool2(x: FlexTensor) -> FlexTensor {
         glue::pool2(&x)
+    }
+
+    fn kp_up2_cat(
+        skip: FlexTensor,
+        x: FlexTensor,
+        weight: FlexTensor,
+        bias: FlexTensor,
+    ) -> FlexTensor {
+        glue::up2_cat(&skip, &x, &weight, &bias)
+    }
+}
+
+/// The backward step of the up step: the state is the input, the weights, the result
+/// and the skip's channel count.
+#[derive(Debug)]
+struct UpCatBackward;
+
+impl Backward<Flex, 4> for UpCatBackward {
+    type State = (FlexTensor, FlexTensor, FlexTensor, usize);
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let dy = grads.consume::<Flex>(&ops.node);
+        let (x, w, y, cs) = ops.state;
+        let all = glue::up2_cat_grads(&dy, &y, &x, &w, cs);
+        for (node, g) in ops.parents.into_iter().zip(all) {
+            if let Some(node) = node {
+                grads.register::<Flex>(node.id, g);
+            }
+        }
     }
 }
 
@@ -550,6 +663,29 @@ impl<C: CheckpointStrategy> KernelOps for Autodiff<Flex, C> {
         }
     }
 
+    fn kp_up2_cat(
+        skip: AdTensor<C>,
+        x: AdTensor<C>,
+        weight: AdTensor<C>,
+        bias: AdTensor<C>,
+    ) -> AdTensor<C> {
+        let nodes = [skip.node(), x.node(), weight.node(), bias.node()];
+        match UpCatBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let (xp, wp) = (x.primitive().clone(), weight.primitive().clone());
+                let cs = nchw(skip.primitive()).c;
+                let y = glue::up2_cat(skip.primitive(), &xp, &wp, bias.primitive());
+                prep.finish((xp, wp, y.clone(), cs), y)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(glue::up2_cat(
+                skip.primitive(),
+                x.primitive(),
+                weight.primitive(),
+                bias.primitive(),
+            )),
+        }
+    }
+
     fn kp_pool2(x: AdTensor<C>) -> AdTensor<C> {
         match PoolBackward
             .prepare::<C>([x.node()])
@@ -652,6 +788,35 @@ mod tests {
         );
         let g1 = (ours * probe.clone()).sum().backward();
         let g2 = (theirs * probe).sum().backward();
+        assert!(rel_err(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < TOL);
+        let w = up.weight.val();
+        assert!(rel_err(w.grad(&g1).unwrap(), w.grad(&g2).unwrap()) < TOL);
+        let b = up.bias.as_ref().unwrap().val();
+        assert!(rel_err(b.grad(&g1).unwrap(), b.grad(&g2).unwrap()) < TOL);
+    }
+
+    #[test]
+    fn the_fused_up_step_agrees_with_burns_in_values_and_gradients() {
+        let device = Device::flex().autodiff();
+        device.seed(6);
+        let up = ConvTranspose2dConfig::new([5, 3], [2, 2])
+            .with_stride([2, 2])
+            .init(&device);
+        let x = Tensor::<4>::random([2, 5, 3, 4], Distribution::Default, &device).require_grad();
+        let skip = Tensor::<4>::random([2, 4, 6, 8], Distribution::Default, &device).require_grad();
+        let probe = Tensor::<4>::random([2, 7, 6, 8], Distribution::Default, &device);
+        let ours = up_cat(&up, skip.clone(), x.clone());
+        let theirs = Tensor::cat(
+            vec![skip.clone(), activation::relu(up.forward(x.clone()))],
+            1,
+        );
+        assert!(rel_err(ours.clone(), theirs.clone()) < TOL, "forward");
+        let g1 = (ours * probe.clone()).sum().backward();
+        let g2 = (theirs * probe).sum().backward();
+        assert_eq!(
+            rel_err(skip.grad(&g1).unwrap(), skip.grad(&g2).unwrap()),
+            0.0
+        );
         assert!(rel_err(x.grad(&g1).unwrap(), x.grad(&g2).unwrap()) < TOL);
         let w = up.weight.val();
         assert!(rel_err(w.grad(&g1).unwrap(), w.grad(&g2).unwrap()) < TOL);

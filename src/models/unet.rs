@@ -8,7 +8,6 @@
 
 use burn::config::Config;
 use burn::module::Module;
-use burn::nn::Relu;
 use burn::nn::conv::{Conv2d, Conv2dConfig, ConvTranspose2d};
 use burn::nn::pool::{MaxPool2d, MaxPool2dConfig};
 use burn::tensor::{Device, Tensor};
@@ -61,7 +60,6 @@ pub struct UNet {
     up_convs: Vec<DoubleConv>,
     head: Conv2d,
     pool: MaxPool2d,
-    relu: Relu,
 }
 
 impl UNetConfig {
@@ -88,7 +86,6 @@ impl UNetConfig {
             up_convs,
             head: Conv2dConfig::new([self.base, self.classes], [1, 1]).init(device),
             pool: MaxPool2dConfig::new([2, 2]).init(),
-            relu: Relu::new(),
         }
     }
 }
@@ -110,8 +107,7 @@ impl UNet {
         let mut x = self.bottom.forward(x);
         for (up, conv) in self.ups.iter().zip(&self.up_convs) {
             let skip = skips.pop().expect("one skip per level");
-            let u = self.relu.forward(ops::conv_transpose2d(up, x));
-            x = conv.forward(Tensor::cat(vec![skip, u], 1));
+            x = conv.forward(ops::up_cat(up, skip, x));
         }
         ops::conv2d(&self.head, x)
     }
