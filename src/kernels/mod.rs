@@ -17,6 +17,7 @@
 //!
 //! This layer knows nothing of burn: `crate::models::ops` adapts burn's tensors to it.
 
+pub mod adam;
 pub mod conv;
 pub mod gemm;
 pub mod norm;

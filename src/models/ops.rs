@@ -51,6 +51,21 @@ pub trait KernelOps: Backend {
     ) -> FloatTensor<Self>;
     /// 2x2 max pool, stride 2, no padding.
     fn kp_pool2(x: FloatTensor<Self>) -> FloatTensor<Self>;
+    /// One Adam step of a parameter of any rank: `(param, moment_1, moment_2)` after it
+    /// ([`crate::kernels::adam`]); the moments are ignored on the `first` step.
+    #[allow(clippy::too_many_arguments)]
+    fn kp_adam(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        first: bool,
+        lr: f32,
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        time: i32,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
     /// `cat([skip, relu(kp_up2(x, weight, bias))], 1)`: the U-Net's up step.
     fn kp_up2_cat(
         skip: FloatTensor<Self>,
@@ -123,6 +138,45 @@ pub fn up_cat(conv: &ConvTranspose2d, skip: Tensor<4>, x: Tensor<4>) -> Tensor<4
         x.into_dispatch(),
         conv.weight.val().into_dispatch(),
         bias.into_dispatch(),
+    ))
+}
+
+/// One Adam step on the CPU kernels: `Some((param, moment_1, moment_2))` after it, or
+/// `None` where they do not apply (not burn-flex, not f32).
+#[allow(clippy::too_many_arguments)]
+pub fn adam_step<const D: usize>(
+    param: &Tensor<D>,
+    grad: &Tensor<D>,
+    moments: Option<(&Tensor<D>, &Tensor<D>)>,
+    lr: f32,
+    [beta_1, beta_2]: [f32; 2],
+    epsilon: f32,
+    time: i32,
+) -> Option<(Tensor<D>, Tensor<D>, Tensor<D>)> {
+    let all_on = on_kernels(param)
+        && on_kernels(grad)
+        && moments.is_none_or(|(a, b)| on_kernels(a) && on_kernels(b));
+    if !all_on {
+        return None;
+    }
+    // The first step reads no moments: the gradient stands in for them.
+    let (m1, m2) = moments.unwrap_or((grad, grad));
+    let (p, a, b) = <Dispatch as KernelOps>::kp_adam(
+        param.clone().into_dispatch(),
+        grad.clone().into_dispatch(),
+        m1.clone().into_dispatch(),
+        m2.clone().into_dispatch(),
+        moments.is_none(),
+        lr,
+        beta_1,
+        beta_2,
+        epsilon,
+        time,
+    );
+    Some((
+        Tensor::from_dispatch(p),
+        Tensor::from_dispatch(a),
+        Tensor::from_dispatch(b),
     ))
 }
 
@@ -201,7 +255,7 @@ fn bias_or_zeros(bias: &Option<Param<Tensor<1>>>, channels: usize, device: &Devi
 }
 
 /// Whether `x` lives on burn-flex (with or without autodiff) in f32.
-fn on_kernels(x: &Tensor<4>) -> bool {
+fn on_kernels<const D: usize>(x: &Tensor<D>) -> bool {
     x.device() == Device::flex() && x.dtype() == DType::F32
 }
 
@@ -218,6 +272,11 @@ fn floats(t: &FlexTensor) -> &[f32] {
 fn nchw(t: &FlexTensor) -> Nchw {
     let [n, c, h, w] = t.layout().shape().dims::<4>();
     Nchw { n, c, h, w }
+}
+
+/// A tensor of `data` in the shape of `like`.
+fn shaped_like(data: Vec<f32>, like: &FlexTensor) -> FlexTensor {
+    FlexTensor::from_data(TensorData::new(data, like.layout().shape().clone()))
 }
 
 fn tensor(data: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
@@ -446,6 +505,33 @@ mod glue {
         )
     }
 
+    #[allow(clippy::too_many_arguments)]
+    pub fn adam(
+        param: &FlexTensor,
+        grad: &FlexTensor,
+        m1: &FlexTensor,
+        m2: &FlexTensor,
+        first: bool,
+        s: kernels::adam::Settings,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let (param, grad) = (contiguous(param), contiguous(grad));
+        let (m1, m2) = if first {
+            (None, None)
+        } else {
+            (Some(contiguous(m1)), Some(contiguous(m2)))
+        };
+        let moments = m1
+            .as_ref()
+            .zip(m2.as_ref())
+            .map(|(a, b)| (floats(a), floats(b)));
+        let (p, a, b) = kernels::adam::step(floats(&param), floats(&grad), moments, s);
+        (
+            shaped_like(p, &param),
+            shaped_like(a, &param),
+            shaped_like(b, &param),
+        )
+    }
+
     pub fn up2_dw(x: &FlexTensor, dy: &FlexTensor) -> FlexTensor {
         let (x, dy) = (contiguous(x), contiguous(dy));
         let s = nchw(&x);
@@ -481,6 +567,28 @@ impl KernelOps for Flex {
 
     fn kp_pool2(x: FlexTensor) -> FlexTensor {
         glue::pool2(&x)
+    }
+
+    fn kp_adam(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+        first: bool,
+        lr: f32,
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        time: i32,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let s = kernels::adam::Settings {
+            lr,
+            beta_1,
+            beta_2,
+            epsilon,
+            time,
+        };
+        glue::adam(&param, &grad, &moment_1, &moment_2, first, s)
     }
 
     fn kp_up2_cat(
@@ -684,6 +792,38 @@ impl<C: CheckpointStrategy> KernelOps for Autodiff<Flex, C> {
                 bias.primitive(),
             )),
         }
+    }
+
+    // Optimisers step on the inner tensors; tracked ones get untracked results.
+    fn kp_adam(
+        param: AdTensor<C>,
+        grad: AdTensor<C>,
+        moment_1: AdTensor<C>,
+        moment_2: AdTensor<C>,
+        first: bool,
+        lr: f32,
+        beta_1: f32,
+        beta_2: f32,
+        epsilon: f32,
+        time: i32,
+    ) -> (AdTensor<C>, AdTensor<C>, AdTensor<C>) {
+        let (p, a, b) = Flex::kp_adam(
+            param.primitive().clone(),
+            grad.primitive().clone(),
+            moment_1.primitive().clone(),
+            moment_2.primitive().clone(),
+            first,
+            lr,
+            beta_1,
+            beta_2,
+            epsilon,
+            time,
+        );
+        (
+            AdTensor::<C>::new(p),
+            AdTensor::<C>::new(a),
+            AdTensor::<C>::new(b),
+        )
     }
 
     fn kp_pool2(x: AdTensor<C>) -> AdTensor<C> {

@@ -7,6 +7,7 @@
 //! that finds a checkpoint continues after its epoch: data order and augmentation depend
 //! only on (seed, epoch, position), so the result equals an uninterrupted run.
 
+pub mod adam;
 pub mod loss;
 pub mod schedule;
 pub mod select;
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use burn::module::Module;
-use burn::optim::{AdamConfig, GradientsParams, decay::WeightDecayConfig};
+use burn::optim::GradientsParams;
 use burn::store::{FloatCastAdapter, ModuleSnapshot, SafetensorsStore};
 use burn::tensor::{DType, Device, FloatDType, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,7 @@ use crate::data::loader::{Batch, Patch, Sampling, Shuffle, SliceId, batch, epoch
 use crate::data::slices::SliceStore;
 use crate::metrics::SliceScores;
 use crate::models::{ModelConfig, Network};
+pub use adam::AdamSettings;
 use loss::Loss;
 use schedule::LearningRate;
 use select::{Keep, Select};
@@ -73,7 +75,7 @@ pub struct Fit<'a> {
     pub batch_size: usize,
     pub learning_rate: &'a LearningRate,
     pub warmup_epochs: usize,
-    pub adam: AdamConfig,
+    pub adam: AdamSettings,
     pub loss: Loss,
     pub shuffle: Shuffle,
     pub augment: &'a Augment,
@@ -597,14 +599,10 @@ fn save_checkpoint(
 }
 
 /// The Adam optimiser of the study's settings.
-pub fn adam(betas: [f32; 2], epsilon: f32, weight_decay: f32) -> AdamConfig {
-    let c = AdamConfig::new()
-        .with_beta_1(betas[0])
-        .with_beta_2(betas[1])
-        .with_epsilon(epsilon);
-    if weight_decay > 0.0 {
-        c.with_weight_decay(Some(WeightDecayConfig::new(weight_decay)))
-    } else {
-        c
+pub fn adam(betas: [f32; 2], epsilon: f32, weight_decay: f32) -> AdamSettings {
+    AdamSettings {
+        betas,
+        epsilon,
+        weight_decay,
     }
 }
