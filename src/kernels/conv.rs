@@ -319,7 +319,7 @@ fn forward_tiled(
             .map(|d| (d / (k * k)) * hp * wp + (d / k % k) * wp + d % k)
             .collect();
         let tw = s.w.div_ceil(NR);
-        let all = a.pack_all();
+        let all = a.pack_all_parallel();
         let run = |out: Shared| {
             (0..items * chunks).into_par_iter().for_each(|u| {
                 let (it, c) = (tiling.item(u / chunks), u % chunks);
@@ -354,6 +354,7 @@ fn forward_tiled(
         // channel, each element set from the bias (or zero) before products are added.
         return unsafe { filled(s.n * co * plane, run) };
     }
+    let all = a.pack_all_parallel();
     let run = |out: Shared| {
         (0..items * chunks).into_par_iter().for_each(|u| {
             let (it, c) = (tiling.item(u / chunks), u % chunks);
@@ -364,12 +365,12 @@ fn forward_tiled(
                 seg: (it.r1 - it.r0) * s.w,
                 seg_stride: co * plane,
             };
-            with_scratch(|col, row, abuf| {
+            with_scratch(|col, row, _| {
                 let pack = |k0, kb, buf: &mut [f32]| pack_columns(x, s, k, it, (k0, kb), buf, row);
                 // SAFETY: the unit's rows (channels) of its images' bands: inside `y`
                 // (`s.n * co * plane` floats), and no other unit's.
                 unsafe {
-                    packed::multiply(&a, rows, item_px(it), pack, dst, Init::Set(bias), col, abuf);
+                    packed::multiply(&a, &all, rows, item_px(it), pack, dst, Init::Set(bias), col);
                 };
             });
         });

@@ -85,43 +85,53 @@ impl<F: Fn(usize, usize) -> f32> Weights<F> {
         (0..k).step_by(kc).map(move |k0| (k0, kc.min(k - k0)))
     }
 
-    /// Packs panels `panels` of the depth block `(k0, kb)` into the start of `buf`
-    /// (panel `panels.start + i` at `i * MR * kb`).
-    fn pack<'b>(
-        &self,
-        (k0, kb): (usize, usize),
-        panels: Range<usize>,
-        buf: &'b mut Vec<f32>,
-    ) -> &'b [f32] {
-        let out = super::scratch(buf, panels.len() * MR * kb);
-        for (i, panel) in panels.zip(out.chunks_exact_mut(MR * kb)) {
-            let (r0, h) = (self.starts[i], self.starts[i + 1] - self.starts[i]);
-            for (t, col) in panel.chunks_exact_mut(MR).enumerate() {
-                if h == MR {
-                    for (r, v) in col.iter_mut().enumerate() {
-                        *v = (self.at)(r0 + r, k0 + t);
-                    }
-                } else {
-                    for (r, v) in col.iter_mut().enumerate() {
-                        *v = if r < h {
-                            (self.at)(r0 + r, k0 + t)
-                        } else {
-                            0.0
-                        };
-                    }
+    /// Writes panel `i` of the depth block `(k0, kb)` into `out` (`MR * kb` floats).
+    fn pack_panel(&self, (k0, kb): (usize, usize), i: usize, out: &mut [f32]) {
+        let (r0, h) = (self.starts[i], self.starts[i + 1] - self.starts[i]);
+        for (t, col) in out[..MR * kb].chunks_exact_mut(MR).enumerate() {
+            if h == MR {
+                for (r, v) in col.iter_mut().enumerate() {
+                    *v = (self.at)(r0 + r, k0 + t);
+                }
+            } else {
+                for (r, v) in col.iter_mut().enumerate() {
+                    *v = if r < h {
+                        (self.at)(r0 + r, k0 + t)
+                    } else {
+                        0.0
+                    };
                 }
             }
         }
-        out
     }
 
-    /// Every block, each with all its panels: block `k0` at `k0 * MR * panels`, laid out
-    /// as [`Weights::pack`] lays out one.
+    /// Every block, each with all its panels: block `k0` at `k0 * MR * panels`, panel
+    /// `i` of it `i * MR * kb` further (element `(starts[i] + r, k0 + t)` at `t * MR + r`
+    /// in the panel). On this thread: for work items (see [`Self::pack_all_parallel`]).
     pub fn pack_all(&self) -> Vec<f32> {
-        let mut all = Vec::with_capacity(self.panels() * MR * self.k);
-        let mut buf = Vec::new();
-        for block in self.blocks() {
-            all.extend_from_slice(self.pack(block, 0..self.panels(), &mut buf));
+        let mut all = vec![0.0; self.panels() * MR * self.k];
+        for (k0, kb) in self.blocks() {
+            let block = &mut all[k0 * MR * self.panels()..][..self.panels() * MR * kb];
+            for (i, panel) in block.chunks_exact_mut(MR * kb).enumerate() {
+                self.pack_panel((k0, kb), i, panel);
+            }
+        }
+        all
+    }
+
+    /// [`Self::pack_all`] with the panels packed on the pool, outside work items.
+    pub fn pack_all_parallel(&self) -> Vec<f32>
+    where
+        F: Sync,
+    {
+        use rayon::prelude::*;
+        let mut all = vec![0.0; self.panels() * MR * self.k];
+        for (k0, kb) in self.blocks() {
+            let block = &mut all[k0 * MR * self.panels()..][..self.panels() * MR * kb];
+            block
+                .par_chunks_mut(MR * kb)
+                .enumerate()
+                .for_each(|(i, panel)| self.pack_panel((k0, kb), i, panel));
         }
         all
     }
@@ -170,11 +180,11 @@ pub enum Init<'a> {
     Add,
 }
 
-/// `C[r, q] = init + sum_t A[r, t] B[t, q]` for the rows of panels `panels` of `a` and
-/// the `p` columns `pack` packs: called with `(k0, kb, buf)` it
-/// writes `B`'s rows `k0..k0 + kb` into `buf` (`p` rounded up to [`NR`], times `kb`
-/// floats) as panels `[kb][NR]`, one per [`NR`] columns (columns past `p` are ignored).
-/// `buf` is the caller's scratch space.
+/// `C[r, q] = init + sum_t A[r, t] B[t, q]` for the rows of panels `panels` of `a`
+/// (`packed`: [`Weights::pack_all`] of it) and the `p` columns `pack` packs: called with
+/// `(k0, kb, buf)` it writes `B`'s rows `k0..k0 + kb` into `buf` (`p` rounded up to
+/// [`NR`], times `kb` floats) as panels `[kb][NR]`, one per [`NR`] columns (columns past
+/// `p` are ignored). `bbuf` is the caller's scratch space.
 ///
 /// # Safety
 /// Every `out.at(r, q)`, `r` a row of the panels, `q < p`, must be valid for
@@ -182,14 +192,19 @@ pub enum Init<'a> {
 #[allow(clippy::too_many_arguments)]
 pub unsafe fn multiply<F: Fn(usize, usize) -> f32>(
     a: &Weights<F>,
+    packed: &[f32],
     panels: Range<usize>,
     p: usize,
     mut pack: impl FnMut(usize, usize, &mut [f32]),
     out: Out,
     init: Init,
     bbuf: &mut Vec<f32>,
-    abuf: &mut Vec<f32>,
 ) {
+    assert_eq!(
+        packed.len(),
+        a.panels() * MR * a.k,
+        "not `a`'s packed blocks"
+    );
     assert!(
         panels.end <= a.panels(),
         "panels {panels:?} of {}",
@@ -203,9 +218,10 @@ pub unsafe fn multiply<F: Fn(usize, usize) -> f32>(
     for (k0, kb) in a.blocks() {
         let b = super::scratch(bbuf, np * kb);
         pack(k0, kb, b);
+        let block = &packed[k0 * MR * a.panels()..][..MR * a.panels() * kb];
         for i in panels.clone() {
             // One panel at a time: it stays in L1 while the block of B streams from L2.
-            let panel = a.pack((k0, kb), i..i + 1, abuf);
+            let panel = &block[i * MR * kb..][..MR * kb];
             let (r0, nrows) = a.panel_rows(i);
             let start = start_rows(init, k0, r0, nrows);
             for (j, bp) in b.chunks_exact(NR * kb).enumerate() {
@@ -683,10 +699,11 @@ mod tests {
         out: Out,
         init: Init,
     ) {
-        let (mut buf, mut abuf) = (Vec::new(), Vec::new());
+        let mut buf = Vec::new();
         let pack = pack_rows(b, p);
+        let all = a.pack_all();
         // SAFETY: the caller's promise.
-        unsafe { multiply(a, 0..a.panels(), p, pack, out, init, &mut buf, &mut abuf) };
+        unsafe { multiply(a, &all, 0..a.panels(), p, pack, out, init, &mut buf) };
     }
 
     fn same_bits(got: &[f32], want: &[f32]) -> bool {
