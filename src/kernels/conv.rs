@@ -593,25 +593,41 @@ fn backward_weight_tiled(
 /// (`h + 2p` by `w + 2p`) at `((n (h + 2p) + r) (w + 2p) + j) c`, its channels in a
 /// row; [`NR`] floats of zeros after the last.
 fn padded_nhwc(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
+    use std::mem::MaybeUninit;
     let (hp, wp, c, plane) = (s.h + 2 * p, s.w + 2 * p, s.c, s.plane());
-    let mut xt = vec![0.0; s.n * hp * wp * c + NR];
-    xt[..s.n * hp * wp * c]
-        .par_chunks_mut(hp * wp * c)
-        .zip(x.par_chunks(c * plane))
+    let body = s.n * hp * wp * c;
+    let zero = MaybeUninit::new(0.0f32);
+    let mut xt: Vec<f32> = Vec::with_capacity(body + NR);
+    let spare = &mut xt.spare_capacity_mut()[..body + NR];
+    // Channels a pass takes: its writes are whole cache lines, its reads that many
+    // sequential streams.
+    const CB: usize = 16;
+    spare[..body]
+        .par_chunks_mut((hp * wp * c).max(1))
+        .zip(x.par_chunks((c * plane).max(1)))
         .for_each(|(dst, img)| {
-            for r in 0..s.h {
-                let line = &mut dst[((r + p) * wp + p) * c..][..s.w * c];
-                for (ci, src) in img.chunks_exact(plane).enumerate() {
-                    for (d, v) in line[ci..]
-                        .iter_mut()
-                        .step_by(c)
-                        .zip(&src[r * s.w..(r + 1) * s.w])
-                    {
-                        *d = *v;
+            for (r, row) in dst.chunks_exact_mut(wp * c).enumerate() {
+                if r < p || r >= p + s.h {
+                    row.fill(zero);
+                    continue;
+                }
+                row[..p * c].fill(zero);
+                row[(p + s.w) * c..].fill(zero);
+                let line = &mut row[p * c..(p + s.w) * c];
+                let src = r - p;
+                for c0 in (0..c).step_by(CB) {
+                    let c1 = (c0 + CB).min(c);
+                    for (j, px) in line.chunks_exact_mut(c).enumerate() {
+                        for (ci, d) in (c0..c1).zip(&mut px[c0..c1]) {
+                            d.write(img[ci * plane + src * s.w + j]);
+                        }
                     }
                 }
             }
         });
+    spare[body..].fill(zero);
+    // SAFETY: every one of the `body + NR` floats was written above.
+    unsafe { xt.set_len(body + NR) };
     xt
 }
 
