@@ -12,7 +12,7 @@
 use rayon::prelude::*;
 
 use super::packed::{self, Init, NR, Out, Weights};
-use super::{Nchw, REDUCE_GROUPS, Shared, filled, reduce_in_order, scratch, with_scratch};
+use super::{Nchw, REDUCE_GROUPS, Shared, filled, scratch, with_scratch};
 
 /// Floats a band's column buffer aims at (128 KiB: it and the GEMM's packed panels stay
 /// in L2; larger bands measured slower on a Zen 3 core).
@@ -574,18 +574,29 @@ fn backward_weight_tiled(
             acc
         })
         .collect();
-    // Each group's blocks are its rows in order; then the groups are summed in order.
-    let groups_full: Vec<Vec<f32>> = parts.chunks(blocks).map(|b| b.concat()).collect();
-    let sum = reduce_in_order(groups_full);
-    // (o, e * c + i) -> (o, i * kk + e)
+    // Row o of the result: the groups' rows o (in block `o`'s part) summed in group order,
+    // then (o, e * c + i) -> (o, i * kk + e); rows in parallel.
+    let block_of: Vec<(usize, usize)> = (0..blocks)
+        .flat_map(|b| {
+            (b * co / blocks..(b + 1) * co / blocks).map(move |o| (b, o - b * co / blocks))
+        })
+        .collect();
     let mut dw = vec![0.0; co * depth];
-    for (row, src) in dw.chunks_exact_mut(depth).zip(sum.chunks_exact(depth)) {
-        for e in 0..kk {
-            for i in 0..c {
-                row[i * kk + e] = src[e * c + i];
+    dw.par_chunks_mut(depth.max(1))
+        .zip(&block_of)
+        .for_each(|(row, &(b, r))| {
+            let src = |g: usize, d: usize| parts[g * blocks + b][r * depth + d];
+            for e in 0..kk {
+                for i in 0..c {
+                    let d = e * c + i;
+                    let mut v = src(0, d);
+                    for g in 1..groups {
+                        v += src(g, d);
+                    }
+                    row[i * kk + e] = v;
+                }
             }
-        }
-    }
+        });
     dw
 }
 

@@ -1,4 +1,5 @@
-//! Convolution kernels for the CPU backend, on plain `f32` slices in NCHW order.
+//! Kernels for the CPU backend, on plain `f32` slices in NCHW order: convolutions, batch
+//! norm, max pool, and Adam's step.
 //!
 //! burn-flex's own convolution re-lays the weights and copies the input to NHWC on every
 //! call, and its gradients run through burn's generic defaults (a transposed convolution
@@ -7,8 +8,10 @@
 //! own ([`packed`]: the input's columns read in place or packed straight from NCHW rows,
 //! the input gradient as a convolution with the flipped weights, the weight gradient
 //! with the long pixel axis as its depth, from the input as padded NHWC); the 2x2
-//! transposed convolutions on the `gemm` crate (AVX2 or AVX-512 chosen at run time); the
-//! 2x2 max pool.
+//! transposed convolutions on the `gemm` crate (AVX2 or AVX-512 chosen at run time),
+//! written straight into the U-Net's concatenations ([`upconv::forward_cat`]); batch
+//! norm fused with its ReLU ([`norm`]); the 2x2 max pool ([`pool`]); Adam's step in one
+//! pass ([`adam`]).
 //!
 //! Work is split over (image, tile) items on rayon's pool, each item a single-threaded
 //! GEMM whose result does not depend on which thread runs it; reductions (weight and

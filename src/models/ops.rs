@@ -1,10 +1,12 @@
-//! The networks' convolutions: [`crate::kernels`] as burn operations with a backward pass
-//! of their own on the CPU backend (burn-flex, f32), burn's convolutions everywhere else
-//! (the GPU backend, 16-bit floats, shapes the kernels do not cover).
+//! The networks' operations on [`crate::kernels`]: convolutions, transposed convolutions
+//! (alone or as the U-Net's up step, [`up_cat`]), batch norm with its ReLU, the 2x2 max
+//! pool, as burn operations with a backward pass of their own on the CPU backend
+//! (burn-flex, f32), and Adam's step ([`adam_step`]); burn's own operations everywhere
+//! else (the GPU backend, 16-bit floats, shapes the kernels do not cover).
 //!
-//! The modules stay burn's `Conv2d` and `ConvTranspose2d` (same parameters, same
-//! initialisation, same checkpoint keys); only their forward pass goes through
-//! [`conv2d`] and [`conv_transpose2d`] here.
+//! The modules stay burn's `Conv2d`, `ConvTranspose2d`, `BatchNorm` and `MaxPool2d` (same
+//! parameters, same initialisation, same checkpoint keys); only their forward pass goes
+//! through the functions here.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
