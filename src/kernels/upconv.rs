@@ -40,7 +40,18 @@ fn unshuffle(dy: &[f32], co: usize, s: Nchw, n: usize, (r0, r1): (usize, usize),
 /// `y = conv_transpose(x, weight) + bias`: `x` of shape `s`, `weight` `[s.c, co, 2, 2]`;
 /// `y` is `[s.n, co, 2 s.h, 2 s.w]`.
 pub fn forward(x: &[f32], s: Nchw, weight: &[f32], co: usize, bias: Option<&[f32]>) -> Vec<f32> {
-    let rows = band_rows(s.c.max(co * 4), s.h, s.w);
+    forward_with_rows(x, s, weight, co, bias, band_rows(s.c.max(co * 4), s.h, s.w))
+}
+
+/// [`forward`] in bands of `rows` input rows.
+fn forward_with_rows(
+    x: &[f32],
+    s: Nchw,
+    weight: &[f32],
+    co: usize,
+    bias: Option<&[f32]>,
+    rows: usize,
+) -> Vec<f32> {
     let dest = Dest {
         first: 0,
         channels: co,
@@ -348,17 +359,7 @@ mod tests {
             let w = values(s.c * co * 4, 2);
             let b = values(co, 3);
             let olen = s.n * co * 4 * s.plane();
-            let dest = Dest {
-                first: 0,
-                channels: co,
-                relu: false,
-            };
-            // SAFETY: the bands write all of the output.
-            let y = unsafe {
-                filled(olen, |out| {
-                    forward_in_bands(&x, s, &w, co, Some(&b), rows, out, dest);
-                })
-            };
+            let y = forward_with_rows(&x, s, &w, co, Some(&b), rows);
             assert!(
                 rel_err(&y, &naive(&x, s, &w, co, &b)) < 1e-5,
                 "forward rows={rows}"
