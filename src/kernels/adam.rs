@@ -5,6 +5,7 @@
 
 use rayon::prelude::*;
 
+use super::isa::wide;
 use super::{Shared, filled};
 
 /// Floats a work item takes at least.
@@ -19,6 +20,59 @@ pub struct Settings {
     pub epsilon: f32,
     /// The step's number, from 1: bias corrections.
     pub time: i32,
+}
+
+/// A step's constants.
+#[derive(Clone, Copy)]
+struct Coefs {
+    s: Settings,
+    /// 1 - beta_1, 1 - beta_2
+    f1: f32,
+    f2: f32,
+    /// sqrt(1 - beta_2^t) / (1 - beta_1^t)
+    combined: f32,
+    /// epsilon sqrt(1 - beta_2^t)
+    eps: f32,
+}
+
+impl Coefs {
+    /// The step over slices of one length, into `(param, moment_1, moment_2)`: no branch
+    /// in the loops, so they vectorise.
+    #[inline(always)]
+    fn update(
+        &self,
+        param: &[f32],
+        grad: &[f32],
+        moments: Option<(&[f32], &[f32])>,
+        (po, m1o, m2o): (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let (s, n) = (self.s, param.len());
+        let mut put = |i: usize, a: f32, b: f32| {
+            m1o[i] = a;
+            m2o[i] = b;
+            po[i] = param[i] - ((a * self.combined) / (b.sqrt() + self.eps)) * s.lr;
+        };
+        // burn: m1 * b1 + g * (1 - b1); m2 * b2 + g^2 * (1 - b2); from zeros the first
+        // products alone.
+        match moments {
+            Some((m1, m2)) => {
+                let (m1, m2, grad) = (&m1[..n], &m2[..n], &grad[..n]);
+                for i in 0..n {
+                    let g = grad[i];
+                    put(
+                        i,
+                        m1[i] * s.beta_1 + g * self.f1,
+                        m2[i] * s.beta_2 + (g * g) * self.f2,
+                    );
+                }
+            }
+            None => {
+                for (i, &g) in grad[..n].iter().enumerate() {
+                    put(i, g * self.f1, (g * g) * self.f2);
+                }
+            }
+        }
+    }
 }
 
 /// `(param, moment_1, moment_2)` after a step with gradient `grad` from the moments
@@ -37,32 +91,35 @@ pub fn step(
             "moments and parameter differ in size"
         );
     }
-    let (f1, f2) = (1.0 - s.beta_1, 1.0 - s.beta_2);
     let bc2 = (1.0 - s.beta_2.powi(s.time)).sqrt();
-    let combined = bc2 / (1.0 - s.beta_1.powi(s.time));
-    let eps = s.epsilon * bc2;
+    let k = Coefs {
+        s,
+        f1: 1.0 - s.beta_1,
+        f2: 1.0 - s.beta_2,
+        combined: bc2 / (1.0 - s.beta_1.powi(s.time)),
+        eps: s.epsilon * bc2,
+    };
     let (mut m1o, mut m2o) = (Vec::with_capacity(len), Vec::with_capacity(len));
     let (p1, p2) = (Shared(m1o.as_mut_ptr()), Shared(m2o.as_mut_ptr()));
     let run = |po: Shared| {
         (0..len.div_ceil(MIN_FLOATS)).into_par_iter().for_each(|c| {
             let r = c * MIN_FLOATS..((c + 1) * MIN_FLOATS).min(len);
-            for i in r {
-                let g = grad[i];
-                // burn: m1 * b1 + g * (1 - b1); m2 * b2 + g^2 * (1 - b2); from zeros
-                // the first products alone.
-                let (a, b) = match moments {
-                    Some((m1, m2)) => (m1[i] * s.beta_1 + g * f1, m2[i] * s.beta_2 + (g * g) * f2),
-                    None => (g * f1, (g * g) * f2),
-                };
-                let update = (a * combined) / (b.sqrt() + eps);
-                // SAFETY: element i of the three outputs (`len` floats each), written
-                // by this item alone.
-                unsafe {
-                    *p1.ptr().add(i) = a;
-                    *p2.ptr().add(i) = b;
-                    *po.ptr().add(i) = param[i] - update * s.lr;
-                }
-            }
+            let (n, at) = (r.len(), r.start);
+            // SAFETY: elements `r` of the three outputs (`len` floats each), written by
+            // this item alone.
+            let out = unsafe {
+                (
+                    std::slice::from_raw_parts_mut(po.ptr().add(at), n),
+                    std::slice::from_raw_parts_mut(p1.ptr().add(at), n),
+                    std::slice::from_raw_parts_mut(p2.ptr().add(at), n),
+                )
+            };
+            let (param, grad) = (&param[r.clone()], &grad[r.clone()]);
+            let moments = moments.map(|(m1, m2)| (&m1[r.clone()], &m2[r]));
+            wide(
+                #[inline(always)]
+                || k.update(param, grad, moments, out),
+            );
         });
     };
     // SAFETY: the items cover 0..len, each element of the three written once.

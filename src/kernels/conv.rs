@@ -610,13 +610,16 @@ fn padded_nhwc(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
     let zero = MaybeUninit::new(0.0f32);
     let mut xt: Vec<f32> = Vec::with_capacity(body + NR);
     let spare = &mut xt.spare_capacity_mut()[..body + NR];
-    // Channels a pass takes: its writes are whole cache lines, its reads that many
-    // sequential streams.
-    const CB: usize = 16;
+    // Tiles of 16 channels by 16 pixels: each channel's 16 pixels read as one cache line
+    // into a local tile, then written out a pixel's 16 channels at a time. (Reading a
+    // pixel's channels straight from 16 planes a power of two apart put all 16 lines in
+    // one L1 set, which evicted them before the next pixel.)
+    const T: usize = 16;
     spare[..body]
         .par_chunks_mut((hp * wp * c).max(1))
         .zip(x.par_chunks((c * plane).max(1)))
         .for_each(|(dst, img)| {
+            let mut tile = [[0.0f32; T]; T];
             for (r, row) in dst.chunks_exact_mut(wp * c).enumerate() {
                 if r < p || r >= p + s.h {
                     row.fill(zero);
@@ -625,12 +628,19 @@ fn padded_nhwc(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
                 row[..p * c].fill(zero);
                 row[(p + s.w) * c..].fill(zero);
                 let line = &mut row[p * c..(p + s.w) * c];
-                let src = r - p;
-                for c0 in (0..c).step_by(CB) {
-                    let c1 = (c0 + CB).min(c);
-                    for (j, px) in line.chunks_exact_mut(c).enumerate() {
-                        for (ci, d) in (c0..c1).zip(&mut px[c0..c1]) {
-                            d.write(img[ci * plane + src * s.w + j]);
+                let src = &img[(r - p) * s.w..];
+                for c0 in (0..c).step_by(T) {
+                    let cb = T.min(c - c0);
+                    for j0 in (0..s.w).step_by(T) {
+                        let jb = T.min(s.w - j0);
+                        for (i, t) in tile[..cb].iter_mut().enumerate() {
+                            t[..jb].copy_from_slice(&src[(c0 + i) * plane + j0..][..jb]);
+                        }
+                        for j in 0..jb {
+                            let px = &mut line[(j0 + j) * c + c0..][..cb];
+                            for (d, t) in px.iter_mut().zip(&tile) {
+                                d.write(t[j]);
+                            }
                         }
                     }
                 }

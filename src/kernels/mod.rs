@@ -23,6 +23,7 @@
 pub mod adam;
 pub mod conv;
 pub mod gemm;
+mod isa;
 pub mod norm;
 pub mod packed;
 pub mod pool;

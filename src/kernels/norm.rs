@@ -7,9 +7,11 @@
 
 use rayon::prelude::*;
 
+use super::isa::wide;
 use super::{Nchw, Shared, filled};
 
 /// Sum of `f(v)` over a plane, in eight lanes.
+#[inline(always)]
 fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
     let mut acc = [0.0f32; 8];
     let mut chunks = v.chunks_exact(8);
@@ -23,7 +25,7 @@ fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 }
 
 /// The planes of channel `c`.
-fn planes(x: &[f32], s: Nchw, c: usize) -> impl Iterator<Item = &[f32]> {
+fn planes(x: &[f32], s: Nchw, c: usize) -> impl Iterator<Item = &[f32]> + Clone {
     let plane = s.plane();
     (0..s.n).map(move |n| &x[(n * s.c + c) * plane..][..plane])
 }
@@ -35,15 +37,26 @@ pub fn channel_stats(x: &[f32], s: Nchw) -> (Vec<f32>, Vec<f32>) {
     (0..s.c)
         .into_par_iter()
         .map(|c| {
-            let mean = planes(x, s, c).map(|p| lane_sum(p, |v| v)).sum::<f64>() / count;
-            let m = mean as f32;
-            let var = planes(x, s, c)
-                .map(|p| lane_sum(p, |v| (v - m) * (v - m)))
-                .sum::<f64>()
-                / count;
-            (m, var as f32)
+            wide(
+                #[inline(always)]
+                || mean_and_variance(planes(x, s, c), count),
+            )
         })
         .unzip()
+}
+
+/// The mean and biased variance of a channel's `planes` (`count` floats in all).
+#[inline(always)]
+fn mean_and_variance<'a>(
+    planes: impl Iterator<Item = &'a [f32]> + Clone,
+    count: f64,
+) -> (f32, f32) {
+    let mean = (planes.clone().map(|p| lane_sum(p, |v| v)).sum::<f64>() / count) as f32;
+    let var = planes
+        .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
+        .sum::<f64>()
+        / count;
+    (mean, var as f32)
 }
 
 /// Per-channel `(scale, shift)` with `y = x * scale + shift`.
@@ -80,20 +93,28 @@ pub fn normalize(
             // SAFETY: plane i of the output, written by this item alone.
             let out = unsafe { std::slice::from_raw_parts_mut(y.ptr().add(i * plane), plane) };
             let inp = &x[i * plane..][..plane];
-            let (a, b) = coef[i % s.c];
-            if relu {
-                for (o, v) in out.iter_mut().zip(inp) {
-                    *o = (v * a + b).max(0.0);
-                }
-            } else {
-                for (o, v) in out.iter_mut().zip(inp) {
-                    *o = v * a + b;
-                }
-            }
+            wide(
+                #[inline(always)]
+                || affine_plane(out, inp, coef[i % s.c], relu),
+            );
         });
     };
     // SAFETY: the items are the n*c planes, each written whole.
     unsafe { filled(s.len(), run) }
+}
+
+/// `out = x * scale + shift`, then `max(0, out)` with `relu`.
+#[inline(always)]
+fn affine_plane(out: &mut [f32], x: &[f32], (scale, shift): (f32, f32), relu: bool) {
+    if relu {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = (v * scale + shift).max(0.0);
+        }
+    } else {
+        for (o, v) in out.iter_mut().zip(x) {
+            *o = v * scale + shift;
+        }
+    }
 }
 
 /// Gradients of [`normalize`] with the batch's own statistics (`mean`, `var` from
@@ -123,27 +144,18 @@ pub fn normalize_backward(
     let sums: Vec<(f32, f32)> = (0..s.c)
         .into_par_iter()
         .map(|c| {
-            let (mut dbeta, mut dgamma) = (0.0f64, 0.0f64);
-            for n in 0..s.n {
-                let off = (n * s.c + c) * plane;
-                let (b, g) = if relu {
-                    plane_sums::<true>(
-                        &x[off..][..plane],
-                        &y[off..][..plane],
-                        &dy[off..][..plane],
-                        mean[c],
-                    )
-                } else {
-                    plane_sums::<false>(
-                        &x[off..][..plane],
-                        &y[off..][..plane],
-                        &dy[off..][..plane],
-                        mean[c],
-                    )
-                };
-                dbeta += b;
-                dgamma += g;
-            }
+            let all = || planes(x, s, c).zip(planes(y, s, c)).zip(planes(dy, s, c));
+            let (dbeta, dgamma) = if relu {
+                wide(
+                    #[inline(always)]
+                    || gradient_sums::<true>(all(), mean[c]),
+                )
+            } else {
+                wide(
+                    #[inline(always)]
+                    || gradient_sums::<false>(all(), mean[c]),
+                )
+            };
             ((dgamma * inv[c] as f64) as f32, dbeta as f32)
         })
         .collect();
@@ -163,9 +175,15 @@ pub fn normalize_backward(
             let o = unsafe { std::slice::from_raw_parts_mut(out.ptr().add(off), plane) };
             let (x, y, dy) = (&x[off..][..plane], &y[off..][..plane], &dy[off..][..plane]);
             if relu {
-                plane_dx::<true>(o, x, y, dy, k);
+                wide(
+                    #[inline(always)]
+                    || plane_dx::<true>(o, x, y, dy, k),
+                );
             } else {
-                plane_dx::<false>(o, x, y, dy, k);
+                wide(
+                    #[inline(always)]
+                    || plane_dx::<false>(o, x, y, dy, k),
+                );
             }
         });
     };
@@ -186,6 +204,7 @@ fn passed<const RELU: bool>(dy: f32, y: f32) -> f32 {
 
 /// `(sum g, sum g (x - mean))` over a plane, `g` the gradient [`passed`], in [`LANES`]
 /// lanes then in f64.
+#[inline(always)]
 fn plane_sums<const RELU: bool>(x: &[f32], y: &[f32], dy: &[f32], mean: f32) -> (f64, f64) {
     let (mut sb, mut sg) = ([0.0f32; LANES], [0.0f32; LANES]);
     let (xc, xr) = x.as_chunks::<LANES>();
@@ -210,6 +229,19 @@ fn plane_sums<const RELU: bool>(x: &[f32], y: &[f32], dy: &[f32], mean: f32) -> 
     )
 }
 
+/// `(sum g, sum g (x - mean))` over a channel's `(x, y, dy)` planes, in f64 over the
+/// planes in order.
+#[inline(always)]
+fn gradient_sums<'a, const RELU: bool>(
+    planes: impl Iterator<Item = ((&'a [f32], &'a [f32]), &'a [f32])>,
+    mean: f32,
+) -> (f64, f64) {
+    planes.fold((0.0, 0.0), |(b, g), ((x, y), dy)| {
+        let (pb, pg) = plane_sums::<RELU>(x, y, dy, mean);
+        (b + pb, g + pg)
+    })
+}
+
 /// A channel's constants in its input gradient.
 #[derive(Clone, Copy)]
 struct Coefs {
@@ -223,6 +255,7 @@ struct Coefs {
 }
 
 /// `dx = scale (g - dbeta/count - xhat dgamma/count)` over a plane, `g` [`passed`].
+#[inline(always)]
 fn plane_dx<const RELU: bool>(o: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], k: Coefs) {
     let one = |x: f32, y: f32, d: f32| {
         let xhat = (x - k.mean) * k.inv;
@@ -245,7 +278,42 @@ fn plane_dx<const RELU: bool>(o: &mut [f32], x: &[f32], y: &[f32], dy: &[f32], k
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::isa::{isas, on};
     use crate::kernels::testing::{rel_err, values};
+
+    /// The element loops of the gradient and the statistics, bits out.
+    #[inline(always)]
+    fn loops(x: &[f32], y: &[f32], dy: &[f32], k: Coefs) -> (Vec<u32>, (f64, f64), f64) {
+        let mut o = vec![0.0; x.len()];
+        plane_dx::<true>(&mut o, x, y, dy, k);
+        let sums = plane_sums::<true>(x, y, dy, k.mean);
+        let stat = lane_sum(x, |v| (v - k.mean) * (v - k.mean));
+        (o.iter().map(|v| v.to_bits()).collect(), sums, stat)
+    }
+
+    #[test]
+    fn the_loops_give_the_same_bits_at_every_vector_width() {
+        let (x, y, dy) = (values(1000, 1), values(1000, 2), values(1000, 3));
+        let k = Coefs {
+            mean: 0.1,
+            inv: 1.7,
+            scale: 0.9,
+            dbeta: 0.01,
+            dgamma: -0.02,
+        };
+        let want = loops(&x, &y, &dy, k);
+        for &isa in isas() {
+            assert_eq!(
+                on(
+                    isa,
+                    #[inline(always)]
+                    || loops(&x, &y, &dy, k)
+                ),
+                want,
+                "{isa:?}"
+            );
+        }
+    }
 
     /// The loss `sum(normalize(x) * w)` with batch statistics, in f64.
     fn loss(x: &[f32], s: Nchw, gamma: &[f32], beta: &[f32], w: &[f32], relu: bool) -> f64 {

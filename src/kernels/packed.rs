@@ -13,6 +13,7 @@
 //! AVX-512, or AVX2 and FMA, and in the portable kernel (where `f32::mul_add` is a true fused
 //! multiply-add).
 
+use super::isa::{Isa, isas};
 use std::ops::Range;
 
 /// Rows of `A` (and of `C`) per microkernel call.
@@ -434,36 +435,6 @@ type Kernel<B> = unsafe fn(usize, *const f32, B, *mut f32, usize, Option<&[f32; 
 struct Kernels<B> {
     four: Kernel<B>,
     six: Kernel<B>,
-}
-
-/// The instruction sets a kernel is written for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
-    Avx512,
-    Avx2,
-    Portable,
-}
-
-/// The instruction sets this processor runs, fastest first (detected once). AVX-512
-/// even where it runs on 256-bit units (AMD Zen 4): half the instructions per product,
-/// measured 110 against 90 GFLOP/s on one Zen 4 core.
-fn isas() -> &'static [Isa] {
-    static ISAS: std::sync::OnceLock<Vec<Isa>> = std::sync::OnceLock::new();
-    ISAS.get_or_init(|| {
-        let mut all = Vec::new();
-        #[cfg(target_arch = "x86_64")]
-        {
-            use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") {
-                all.push(Isa::Avx512);
-            }
-            if has!("avx2") && has!("fma") {
-                all.push(Isa::Avx2);
-            }
-        }
-        all.push(Isa::Portable);
-        all
-    })
 }
 
 impl<B: Panel> Kernels<B> {
