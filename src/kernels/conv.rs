@@ -496,17 +496,35 @@ fn backward_weight_tiled(
         .div_ceil(groups)
         .clamp(1, (co / DW_BLOCK_CHANNELS).max(1));
     let (p, hp, wp) = (k / 2, s.h + k - 1, s.w + k - 1);
-    let xt = padded_nhwc(x, s, p);
-    // Tiles of B: shift e, channels cb * NR..; its column 0 is depth e * c + cb * NR.
+    // Few channels (the first layer's one): a row of B is a pixel's whole depth, all taps
+    // of all channels ([`tap_rows`]), one tile. Else B is read from padded NHWC: tiles
+    // of shift e, channels cb * NR.., column 0 at depth e * c + cb * NR.
+    let narrow = depth <= NR;
+    let xt = if narrow {
+        tap_rows(x, s, k)
+    } else {
+        padded_nhwc(x, s, p)
+    };
     let per_shift = c.div_ceil(NR);
-    let tiles = kk * per_shift;
+    let tiles = if narrow { 1 } else { kk * per_shift };
     let tile_of = |j: usize| {
+        if narrow {
+            return (0, 0, depth);
+        }
         let (e, cb) = (j / per_shift, j % per_shift);
         (
             ((e / k) * wp + e % k) * c + cb * NR,
             e * c + cb * NR,
             NR.min(c - cb * NR),
         )
+    };
+    // Where pixel (n, r, j)'s row of B starts in `xt`.
+    let pixel_at = |n: usize, r: usize, j: usize| {
+        if narrow {
+            ((n * s.h + r) * s.w + j) * NR
+        } else {
+            ((n * hp + r) * wp + j) * c
+        }
     };
     let parts: Vec<Vec<f32>> = (0..groups * blocks)
         .into_par_iter()
@@ -544,7 +562,7 @@ fn backward_weight_tiled(
                     let offsets: Vec<usize> = (0..px)
                         .map(|t| {
                             let (n, q) = (it.n0 + t / band, t % band);
-                            ((n * hp + it.r0 + q / s.w) * wp + q % s.w) * c
+                            pixel_at(n, it.r0 + q / s.w, q % s.w)
                         })
                         .collect();
                     let out = acc.as_mut_ptr();
@@ -598,6 +616,36 @@ fn backward_weight_tiled(
             }
         });
     dw
+}
+
+/// `x` (shape `s`, `s.c * k * k` at most [`NR`]) as one row of [`NR`] floats per pixel
+/// `(n, r, j)`, at `((n h + r) w + j) NR`: column `e * c + i` holds channel `i` at tap
+/// `e = (dy, dx)`, `x[n, i, r + dy - p, j + dx - p]` (zero outside the image), the rest
+/// zeros.
+fn tap_rows(x: &[f32], s: Nchw, k: usize) -> Vec<f32> {
+    let (p, plane, kk) = (k / 2, s.plane(), k * k);
+    assert!(
+        s.c * kk <= NR,
+        "{} channels of {kk} taps do not fit a row",
+        s.c
+    );
+    let mut out = vec![0.0f32; s.n * plane * NR];
+    out.par_chunks_mut((plane * NR).max(1))
+        .zip(x.par_chunks((s.c * plane).max(1)))
+        .for_each(|(rows, img)| {
+            for (q, row) in rows.chunks_exact_mut(NR).enumerate() {
+                let (r, j) = (q / s.w, q % s.w);
+                for e in 0..kk {
+                    let (sr, sc) = ((r + e / k).wrapping_sub(p), (j + e % k).wrapping_sub(p));
+                    if sr < s.h && sc < s.w {
+                        for i in 0..s.c {
+                            row[e * s.c + i] = img[i * plane + sr * s.w + sc];
+                        }
+                    }
+                }
+            }
+        });
+    out
 }
 
 /// `x` (shape `s`) as padded NHWC: pixel `(n, r, j)` of the image padded by `p` zeros
@@ -696,7 +744,9 @@ mod tests {
     fn forward_and_gradients_match_the_definition() {
         // Rows narrower than a panel (columns packed), and wider ones (read in place:
         // 18 leaves a partial tile per row; 1x1 at 16 reads the input itself).
-        for (k, rows, imgs, w) in [
+        // Three channels, and one (the first layer: its weight gradient takes all taps
+        // in one row of B).
+        for ((k, rows, imgs, w), c) in [
             (3, 2, 1, 7),
             (3, 100, 1, 7),
             (1, 3, 1, 7),
@@ -709,13 +759,11 @@ mod tests {
             (5, 1, 1, 18),
             (1, 2, 1, 16),
             (1, 5, 3, 18),
-        ] {
-            let s = Nchw {
-                n: 3,
-                c: 3,
-                h: 5,
-                w,
-            };
+        ]
+        .into_iter()
+        .flat_map(|case| [(case, 3), (case, 1)])
+        {
+            let s = Nchw { n: 3, c, h: 5, w };
             let tiling = Tiling::with(rows, imgs, s);
             let tiling_o = Tiling::with(rows, imgs, Nchw { c: 4, ..s });
             let co = 4;
@@ -727,7 +775,7 @@ mod tests {
             });
             assert!(
                 rel_err(&y, &naive(&x, s, &w, co, k, &b)) < 1e-5,
-                "forward k={k} rows={rows} imgs={imgs} width={}",
+                "forward c={c} k={k} rows={rows} imgs={imgs} width={}",
                 s.w
             );
 
@@ -739,7 +787,7 @@ mod tests {
             let want = adjoint(s.len(), &dy, |u| naive(u, s, &w, co, k, &zero_b));
             assert!(
                 rel_err(&dx, &want) < 1e-5,
-                "input gradient k={k} rows={rows} imgs={imgs} width={}",
+                "input gradient c={c} k={k} rows={rows} imgs={imgs} width={}",
                 s.w
             );
             // Weight gradient: entry e = <conv(x, unit_e), dy>.
@@ -747,7 +795,7 @@ mod tests {
             let want = adjoint(w.len(), &dy, |u| naive(&x, s, u, co, k, &zero_b));
             assert!(
                 rel_err(&dw, &want) < 1e-5,
-                "weight gradient k={k} rows={rows} imgs={imgs} width={}",
+                "weight gradient c={c} k={k} rows={rows} imgs={imgs} width={}",
                 s.w
             );
         }
