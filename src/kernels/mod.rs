@@ -118,6 +118,14 @@ unsafe fn filled(len: usize, fill: impl FnOnce(Shared)) -> Vec<f32> {
     v
 }
 
+/// A ReLU's gradient: `g` where its output `y` is positive, else `+0`, as a bit mask: a
+/// branch mispredicts on half the elements of a feature map (the batch norm's gradient
+/// ran 3x slower with one), and the mask vectorises.
+#[inline(always)]
+fn relu_gradient(g: f32, y: f32) -> f32 {
+    f32::from_bits(g.to_bits() & ((y > 0.0) as u32).wrapping_neg())
+}
+
 /// Groups a reduction over `items` is cut into: fixed, so sums do not depend on the
 /// number of threads.
 const REDUCE_GROUPS: usize = 8;
@@ -133,7 +141,23 @@ fn reduce_in_order(mut parts: Vec<Vec<f32>>) -> Vec<f32> {
     acc
 }
 
-/// Per-channel sums of an NCHW batch (a bias's gradient), each in image then pixel order.
+/// Sum of `f(v)` over `v` in eight f32 lanes, then the lanes in f64: it vectorises
+/// (a plain sum is one chain of dependent adds).
+#[inline(always)]
+pub(crate) fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut acc = [0.0f32; 8];
+    let mut chunks = v.chunks_exact(8);
+    for c in &mut chunks {
+        for (a, x) in acc.iter_mut().zip(c) {
+            *a += f(*x);
+        }
+    }
+    let tail: f32 = chunks.remainder().iter().map(|x| f(*x)).sum();
+    acc.iter().map(|a| *a as f64).sum::<f64>() + tail as f64
+}
+
+/// Per-channel sums of an NCHW batch (a bias's gradient): [`lane_sum`]s of the planes,
+/// added in f64 in image order.
 pub fn channel_sums(dy: &[f32], s: Nchw) -> Vec<f32> {
     use rayon::prelude::*;
     assert_eq!(
@@ -145,12 +169,15 @@ pub fn channel_sums(dy: &[f32], s: Nchw) -> Vec<f32> {
     (0..s.c)
         .into_par_iter()
         .map(|c| {
-            (0..s.n)
-                .map(|n| {
-                    let off = (n * s.c + c) * plane;
-                    dy[off..off + plane].iter().sum::<f32>()
-                })
-                .sum()
+            let mut sum = 0.0;
+            for n in 0..s.n {
+                let p = &dy[(n * s.c + c) * plane..][..plane];
+                sum += isa::wide(
+                    #[inline(always)]
+                    || lane_sum(p, |v| v),
+                );
+            }
+            sum as f32
         })
         .collect()
 }

@@ -8,55 +8,44 @@
 use rayon::prelude::*;
 
 use super::isa::wide;
-use super::{Nchw, Shared, filled};
+use super::{Nchw, Shared, filled, lane_sum, relu_gradient};
 
-/// Sum of `f(v)` over a plane, in eight lanes.
+/// Plane `(n, c)` of `x` (shape `s`).
 #[inline(always)]
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f64 {
-    let mut acc = [0.0f32; 8];
-    let mut chunks = v.chunks_exact(8);
-    for c in &mut chunks {
-        for (a, x) in acc.iter_mut().zip(c) {
-            *a += f(*x);
-        }
-    }
-    let tail: f32 = chunks.remainder().iter().map(|x| f(*x)).sum();
-    acc.iter().map(|a| *a as f64).sum::<f64>() + tail as f64
-}
-
-/// The planes of channel `c`.
-fn planes(x: &[f32], s: Nchw, c: usize) -> impl Iterator<Item = &[f32]> + Clone {
-    let plane = s.plane();
-    (0..s.n).map(move |n| &x[(n * s.c + c) * plane..][..plane])
+fn plane(x: &[f32], s: Nchw, n: usize, c: usize) -> &[f32] {
+    &x[(n * s.c + c) * s.plane()..][..s.plane()]
 }
 
 /// Per-channel mean and biased variance (two passes: the mean, then squared deviations).
 pub fn channel_stats(x: &[f32], s: Nchw) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), s.len(), "input does not match its shape");
-    let count = (s.n * s.plane()).max(1) as f64;
     (0..s.c)
         .into_par_iter()
         .map(|c| {
             wide(
                 #[inline(always)]
-                || mean_and_variance(planes(x, s, c), count),
+                || mean_and_variance(x, s, c),
             )
         })
         .unzip()
 }
 
-/// The mean and biased variance of a channel's `planes` (`count` floats in all).
+/// The mean and biased variance of channel `c` of `x` (shape `s`): lane sums per plane,
+/// in f64 over the planes in order. Loops, not iterator adaptors: those compile to
+/// functions of their own, outside [`wide`]'s vector instructions.
 #[inline(always)]
-fn mean_and_variance<'a>(
-    planes: impl Iterator<Item = &'a [f32]> + Clone,
-    count: f64,
-) -> (f32, f32) {
-    let mean = (planes.clone().map(|p| lane_sum(p, |v| v)).sum::<f64>() / count) as f32;
-    let var = planes
-        .map(|p| lane_sum(p, |v| (v - mean) * (v - mean)))
-        .sum::<f64>()
-        / count;
-    (mean, var as f32)
+fn mean_and_variance(x: &[f32], s: Nchw, c: usize) -> (f32, f32) {
+    let count = (s.n * s.plane()).max(1) as f64;
+    let mut sum = 0.0;
+    for n in 0..s.n {
+        sum += lane_sum(plane(x, s, n, c), |v| v);
+    }
+    let mean = (sum / count) as f32;
+    let mut dev = 0.0;
+    for n in 0..s.n {
+        dev += lane_sum(plane(x, s, n, c), |v| (v - mean) * (v - mean));
+    }
+    (mean, (dev / count) as f32)
 }
 
 /// Per-channel `(scale, shift)` with `y = x * scale + shift`.
@@ -144,16 +133,15 @@ pub fn normalize_backward(
     let sums: Vec<(f32, f32)> = (0..s.c)
         .into_par_iter()
         .map(|c| {
-            let all = || planes(x, s, c).zip(planes(y, s, c)).zip(planes(dy, s, c));
             let (dbeta, dgamma) = if relu {
                 wide(
                     #[inline(always)]
-                    || gradient_sums::<true>(all(), mean[c]),
+                    || gradient_sums::<true>((x, y, dy), s, c, mean[c]),
                 )
             } else {
                 wide(
                     #[inline(always)]
-                    || gradient_sums::<false>(all(), mean[c]),
+                    || gradient_sums::<false>((x, y, dy), s, c, mean[c]),
                 )
             };
             ((dgamma * inv[c] as f64) as f32, dbeta as f32)
@@ -199,7 +187,7 @@ const LANES: usize = 16;
 /// The gradient reaching the normalisation: `dy` where the ReLU (if `RELU`) passed it.
 #[inline(always)]
 fn passed<const RELU: bool>(dy: f32, y: f32) -> f32 {
-    if !RELU || y > 0.0 { dy } else { 0.0 }
+    if RELU { relu_gradient(dy, y) } else { dy }
 }
 
 /// `(sum g, sum g (x - mean))` over a plane, `g` the gradient [`passed`], in [`LANES`]
@@ -229,17 +217,23 @@ fn plane_sums<const RELU: bool>(x: &[f32], y: &[f32], dy: &[f32], mean: f32) -> 
     )
 }
 
-/// `(sum g, sum g (x - mean))` over a channel's `(x, y, dy)` planes, in f64 over the
-/// planes in order.
+/// `(sum g, sum g (x - mean))` over channel `c` of the `(x, y, dy)` batches, in f64
+/// over the planes in order.
 #[inline(always)]
-fn gradient_sums<'a, const RELU: bool>(
-    planes: impl Iterator<Item = ((&'a [f32], &'a [f32]), &'a [f32])>,
+fn gradient_sums<const RELU: bool>(
+    (x, y, dy): (&[f32], &[f32], &[f32]),
+    s: Nchw,
+    c: usize,
     mean: f32,
 ) -> (f64, f64) {
-    planes.fold((0.0, 0.0), |(b, g), ((x, y), dy)| {
-        let (pb, pg) = plane_sums::<RELU>(x, y, dy, mean);
-        (b + pb, g + pg)
-    })
+    let (mut b, mut g) = (0.0, 0.0);
+    for n in 0..s.n {
+        let at = |t| plane(t, s, n, c);
+        let (pb, pg) = plane_sums::<RELU>(at(x), at(y), at(dy), mean);
+        b += pb;
+        g += pg;
+    }
+    (b, g)
 }
 
 /// A channel's constants in its input gradient.

@@ -9,7 +9,10 @@ use rayon::prelude::*;
 
 use super::conv::{Bands, band_rows};
 use super::gemm::{gemm, gemm_ptr, mat};
-use super::{Nchw, REDUCE_GROUPS, Shared, band, filled, reduce_in_order, scratch, with_scratch};
+use super::{
+    Nchw, REDUCE_GROUPS, Shared, band, filled, reduce_in_order, relu_gradient, scratch,
+    with_scratch,
+};
 
 /// The `co*4 x (r1-r0)*w` blocks of input rows `r0..r1` of image `n` from the output
 /// batch `dy` (`[s.n, co, 2h, 2w]`, `s` the input's shape): row `o*4 + a*2 + b`, column
@@ -213,7 +216,7 @@ pub fn split_cat_gradient(
                 let at = i * img + cs * plane;
                 let (g, y) = (&dy[at..][..co * plane], &y[at..][..co * plane]);
                 for ((d, g), y) in d.iter_mut().zip(g).zip(y) {
-                    *d = if *y > 0.0 { *g } else { 0.0 };
+                    *d = relu_gradient(*g, *y);
                 }
             });
         })
