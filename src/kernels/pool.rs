@@ -8,22 +8,24 @@
 
 use rayon::prelude::*;
 
+use super::isa::wide;
 use super::{Nchw, Shared, filled};
 
 /// Planes a work item takes at least (a plane of a deep layer is a few hundred floats).
 const MIN_FLOATS: usize = 16 * 1024;
 
-/// Index in the window (`0..4`, row order) of its maximum.
+/// The window's maximum (`0..4`, row order) and its index: the first largest, a NaN
+/// winning (the last NaN). Selects, not branches: a branch on which element is largest
+/// mispredicts on every other window of a feature map.
 #[inline(always)]
-fn argmax(v: [f32; 4]) -> usize {
-    let mut best = 0;
+fn window_max(v: [f32; 4]) -> (f32, usize) {
+    let (mut m, mut at) = (v[0], 0);
     for (i, &x) in v.iter().enumerate().skip(1) {
-        // NaN wins (the last NaN), else strictly larger.
-        if x > v[best] || x.is_nan() {
-            best = i;
-        }
+        let take = (x > m) | x.is_nan();
+        m = if take { x } else { m };
+        at = if take { i } else { at };
     }
-    best
+    (m, at)
 }
 
 /// The pooled shape of `s`.
@@ -38,6 +40,17 @@ pub fn pooled(s: Nchw) -> Nchw {
 /// Planes per work item for planes of `len` floats.
 fn planes_per_item(len: usize) -> usize {
     (MIN_FLOATS / len.max(1)).max(1)
+}
+
+/// One plane of [`forward`]: `src` rows `w` wide into `dst` (`o.h x o.w`).
+#[inline(always)]
+fn plane_forward(src: &[f32], w: usize, dst: &mut [f32], o: Nchw) {
+    for (i, row) in dst.chunks_exact_mut(o.w.max(1)).take(o.h).enumerate() {
+        let (a, b) = (&src[2 * i * w..][..w], &src[(2 * i + 1) * w..][..w]);
+        for (j, y) in row.iter_mut().enumerate() {
+            *y = window_max([a[2 * j], a[2 * j + 1], b[2 * j], b[2 * j + 1]]).0;
+        }
+    }
 }
 
 /// `y[n, c, i, j] = max(x[n, c, 2i..2i+2, 2j..2j+2])`.
@@ -55,17 +68,32 @@ pub fn forward(x: &[f32], s: Nchw) -> Vec<f32> {
                 let dst = unsafe {
                     std::slice::from_raw_parts_mut(out.ptr().add(p * o.plane()), o.plane())
                 };
-                for (i, row) in dst.chunks_exact_mut(o.w.max(1)).take(o.h).enumerate() {
-                    let (a, b) = (&src[2 * i * s.w..][..s.w], &src[(2 * i + 1) * s.w..][..s.w]);
-                    for (j, y) in row.iter_mut().enumerate() {
-                        let v = [a[2 * j], a[2 * j + 1], b[2 * j], b[2 * j + 1]];
-                        *y = v[argmax(v)];
-                    }
-                }
+                wide(
+                    #[inline(always)]
+                    || plane_forward(src, s.w, dst, o),
+                );
             });
     };
     // SAFETY: each item writes every element of its planes.
     unsafe { filled(o.len(), run) }
+}
+
+/// One plane of [`backward`]: each window's `dx` (rows `w` wide) is `dy` at its maximum
+/// and zero elsewhere, written whole (no scatter).
+#[inline(always)]
+fn plane_backward(dx: &mut [f32], x: &[f32], w: usize, dy: &[f32], o: Nchw) {
+    for (i, g) in dy.chunks_exact(o.w.max(1)).take(o.h).enumerate() {
+        let (r0, r1) = (2 * i * w, (2 * i + 1) * w);
+        for (j, &g) in g.iter().enumerate() {
+            let (a, b) = (r0 + 2 * j, r1 + 2 * j);
+            let (_, at) = window_max([x[a], x[a + 1], x[b], x[b + 1]]);
+            let keep = |k| if at == k { g } else { 0.0 };
+            dx[a] = keep(0);
+            dx[a + 1] = keep(1);
+            dx[b] = keep(2);
+            dx[b + 1] = keep(3);
+        }
+    }
 }
 
 /// The gradient of [`forward`]: `dy` (the pooled shape) goes to each window's maximum of
@@ -85,19 +113,10 @@ pub fn backward(x: &[f32], s: Nchw, dy: &[f32]) -> Vec<f32> {
         .zip(dy.par_chunks(o.plane().max(1)))
         .with_min_len(per)
         .for_each(|((dx, x), dy)| {
-            for (i, g) in dy.chunks_exact(o.w.max(1)).take(o.h).enumerate() {
-                let (r0, r1) = (2 * i * s.w, (2 * i + 1) * s.w);
-                for (j, g) in g.iter().enumerate() {
-                    let v = [
-                        x[r0 + 2 * j],
-                        x[r0 + 2 * j + 1],
-                        x[r1 + 2 * j],
-                        x[r1 + 2 * j + 1],
-                    ];
-                    let at = [r0 + 2 * j, r0 + 2 * j + 1, r1 + 2 * j, r1 + 2 * j + 1];
-                    dx[at[argmax(v)]] = *g;
-                }
-            }
+            wide(
+                #[inline(always)]
+                || plane_backward(dx, x, s.w, dy, o),
+            );
         });
     dx
 }
