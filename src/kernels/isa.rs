@@ -19,7 +19,8 @@ pub(super) fn isas() -> &'static [Isa] {
         #[cfg(target_arch = "x86_64")]
         {
             use std::arch::is_x86_feature_detected as has;
-            if has!("avx512f") {
+            // The features `wide` compiles for, not only the GEMM kernel's AVX-512F.
+            if has!("avx512f") && has!("avx512vl") {
                 all.push(Isa::Avx512);
             }
             if has!("avx2") && has!("fma") {
@@ -38,32 +39,42 @@ pub(super) fn isas() -> &'static [Isa] {
 /// operations in the same order (Rust neither reassociates nor contracts to FMA).
 #[inline(always)]
 pub(super) fn wide<R>(f: impl FnOnce() -> R) -> R {
-    on(isas()[0], f)
+    // SAFETY: the first of `isas` is one the processor runs.
+    unsafe { compiled_for(isas()[0], f) }
 }
 
-/// Runs `f` compiled for `isa`, which the processor must run ([`isas`]).
-#[inline(always)]
+/// Runs `f` compiled for `isa`, which the processor must run ([`isas`]): the tests
+/// compare each width's bits.
+#[cfg(test)]
 pub(super) fn on<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     assert!(isas().contains(&isa), "this processor does not run {isa:?}");
+    // SAFETY: checked above.
+    unsafe { compiled_for(isa, f) }
+}
+
+/// # Safety
+/// The processor runs `isa`.
+#[inline(always)]
+unsafe fn compiled_for<R>(isa: Isa, f: impl FnOnce() -> R) -> R {
     match isa {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the processor has AVX-512F (detected above).
+        // SAFETY: the processor has AVX-512F and VL (the caller's promise).
         Isa::Avx512 => unsafe { avx512(f) },
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: the processor has AVX2 and FMA (detected above).
+        // SAFETY: the processor has AVX2 and FMA (the caller's promise).
         Isa::Avx2 => unsafe { avx2(f) },
         _ => f(),
     }
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,bmi1,bmi2")]
+#[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
 unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma,bmi1,bmi2")]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
