@@ -5,8 +5,9 @@
 # flex32, f16), beside PyTorch CUDA (strict fp32, TF32, bf16 autocast); then the batch
 # that fills the GPU, autotune's choices and a kernel profile of the f32 training step.
 #
-# Here, once (two GPU builds of the dev profile, about an hour on 2 cores from nothing):
-#     bash scripts/bench_gpu.sh pack
+# Here, once (two GPU builds of the dev profile: on 2 cores about 48 minutes for the first
+# from nothing, 35 more for the second):
+#     bash scripts/bench_gpu.sh pack     # in the checkout the device tool sends
 # writes .gpu/ (both binaries, stripped and xz-compressed) and .gl/ (the Vulkan loader's
 # Debian packages: the GPU machine's image has the NVIDIA driver but no loader). Then, on
 # the device tool:
