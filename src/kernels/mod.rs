@@ -169,15 +169,17 @@ pub fn channel_sums(dy: &[f32], s: Nchw) -> Vec<f32> {
     (0..s.c)
         .into_par_iter()
         .map(|c| {
-            let mut sum = 0.0;
-            for n in 0..s.n {
-                let p = &dy[(n * s.c + c) * plane..][..plane];
-                sum += isa::wide(
-                    #[inline(always)]
-                    || lane_sum(p, |v| v),
-                );
-            }
-            sum as f32
+            let planes = (0..s.n).map(|n| &dy[(n * s.c + c) * plane..][..plane]);
+            isa::wide(
+                #[inline(always)]
+                || {
+                    let mut sum = 0.0;
+                    for p in planes {
+                        sum += lane_sum(p, |v| v);
+                    }
+                    sum as f32
+                },
+            )
         })
         .collect()
 }
