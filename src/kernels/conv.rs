@@ -2,8 +2,10 @@
 //! and 1x1): the forward pass and both gradients.
 //!
 //! All three are GEMMs on [`packed`]'s kernel. The forward pass and the input gradient
-//! (a convolution with the weights flipped and transposed) multiply the weights, as
-//! stored (`[co, ci*k*k]`), into bands of output rows, written in place in NCHW; their
+//! (a convolution with the weights flipped and transposed) multiply the weights, read
+//! where they are stored (`[co, ci*k*k]`; the input gradient gathers the flipped ones,
+//! or on larger maps lays them out once), into bands of output rows, written in place
+//! in NCHW; their
 //! `B` is the input's columns (its rows shifted by each tap), read in place from a
 //! zero-padded copy for rows of [`NR`] pixels or more, else packed straight from the
 //! image. The weight gradient multiplies the output gradient by the columns transposed,
@@ -11,7 +13,7 @@
 
 use rayon::prelude::*;
 
-use super::packed::{self, Init, NR, Out, Weights};
+use super::packed::{self, Init, Lhs, NR, Out};
 use super::{Nchw, REDUCE_GROUPS, Shared, filled, scratch, with_scratch};
 
 /// Floats a band's column buffer aims at (128 KiB: it and the GEMM's packed panels stay
@@ -263,22 +265,23 @@ pub fn forward(
 ) -> Vec<f32> {
     let depth = s.c * k * k;
     assert_eq!(weight.len(), co * depth, "weight is not [co, ci, k, k]");
-    forward_tiled(x, s, co, k, bias, Tiling::packed(s), |r, c| {
-        weight[r * depth + c]
+    forward_tiled(x, s, co, k, bias, Tiling::packed(s), |kc| {
+        Lhs::rows(weight, co, depth, depth, kc)
     })
 }
 
-/// The forward pass with weights `(o, (i * k + a) * k + b) -> weight` and items `tiling`.
+/// The forward pass with the weights `lhs(kc)` (`co` rows, element `(o, (i * k + a) * k
+/// + b)`, in depth blocks of `kc`) and items `tiling`.
 /// Items with few of them (deep layers of small images) also split the output channels,
 /// for the threads; no cut changes a bit of the result ([`packed`]'s order).
-fn forward_tiled(
+fn forward_tiled<'a>(
     x: &[f32],
     s: Nchw,
     co: usize,
     k: usize,
     bias: Option<&[f32]>,
     tiling: Tiling,
-    weight: impl Fn(usize, usize) -> f32 + Sync,
+    lhs: impl FnOnce(usize) -> Lhs<'a>,
 ) -> Vec<f32> {
     assert!(
         k % 2 == 1,
@@ -291,13 +294,14 @@ fn forward_tiled(
     }
     let item_px = |it: Item| (it.n1 - it.n0) * (it.r1 - it.r0) * s.w;
     let depth = s.c * k * k;
-    let in_place = s.w >= NR;
+    let in_place = reads_in_place(s);
     let kc = if in_place {
         packed::depth_block_in_place(co)
     } else {
         packed::depth_block(item_px(tiling.item(0)))
     };
-    let a = Weights::new(co, depth, kc, weight);
+    let a = lhs(kc);
+    assert_eq!(a.height(), co, "weights of {co} output channels");
     let items = tiling.count();
     let panels = a.panels();
     let chunks = rayon::current_num_threads()
@@ -319,7 +323,6 @@ fn forward_tiled(
             .map(|d| (d / (k * k)) * hp * wp + (d / k % k) * wp + d % k)
             .collect();
         let tw = s.w.div_ceil(NR);
-        let all = a.pack_all_parallel();
         let run = |out: Shared| {
             (0..items * chunks).into_par_iter().for_each(|u| {
                 let (it, c) = (tiling.item(u / chunks), u % chunks);
@@ -339,7 +342,6 @@ fn forward_tiled(
                 unsafe {
                     packed::multiply_in_place(
                         &a,
-                        &all,
                         unit_panels(c),
                         (it.n1 - it.n0) * per_img,
                         tile_at,
@@ -354,7 +356,6 @@ fn forward_tiled(
         // channel, each element set from the bias (or zero) before products are added.
         return unsafe { filled(s.n * co * plane, run) };
     }
-    let all = a.pack_all_parallel();
     let run = |out: Shared| {
         (0..items * chunks).into_par_iter().for_each(|u| {
             let (it, c) = (tiling.item(u / chunks), u % chunks);
@@ -370,7 +371,7 @@ fn forward_tiled(
                 // SAFETY: the unit's rows (channels) of its images' bands: inside `y`
                 // (`s.n * co * plane` floats), and no other unit's.
                 unsafe {
-                    packed::multiply(&a, &all, rows, item_px(it), pack, dst, Init::Set(bias), col);
+                    packed::multiply(&a, rows, item_px(it), pack, dst, Init::Set(bias), col);
                 };
             });
         });
@@ -378,6 +379,12 @@ fn forward_tiled(
     // SAFETY: the units cover every (image, row) of the output once in every channel,
     // each element set from the bias (or zero) before products are added.
     unsafe { filled(s.n * co * plane, run) }
+}
+
+/// Whether a convolution over `s` reads its `B` in place, from a padded copy of the
+/// input (rows at least a panel wide), rather than packed.
+fn reads_in_place(s: Nchw) -> bool {
+    s.w >= NR
 }
 
 /// `x` (shape `s`) with `p` zeros around each plane, and [`NR`] floats of slack at the end.
@@ -440,7 +447,21 @@ fn backward_input_tiled(
     let at: Vec<usize> = (0..co * kk)
         .map(|c| (c / kk) * ci * kk + kk - 1 - c % kk)
         .collect();
-    forward_tiled(dy, s, ci, k, None, tiling, |i, c| weight[at[c] + i * kk])
+    if reads_in_place(s) {
+        // There the kernel already looks up each depth's offset in B: a second lookup
+        // for A's cost 15% of a layer. The weights are laid out as rows once (on these
+        // larger maps they are small next to the products).
+        let wt: Vec<f32> = (0..ci)
+            .flat_map(|i| at.iter().map(move |&a| a + i * kk))
+            .map(|j| weight[j])
+            .collect();
+        return forward_tiled(dy, s, ci, k, None, tiling, |kc| {
+            Lhs::rows(&wt, ci, co * kk, co * kk, kc)
+        });
+    }
+    forward_tiled(dy, s, ci, k, None, tiling, |kc| {
+        Lhs::gathered(weight, ci, kk, &at, kc)
+    })
 }
 
 /// Pixels a weight-gradient group covers at least (fewer groups for smaller maps).
@@ -551,13 +572,7 @@ fn backward_weight_tiled(
                         }
                         (dyb, px)
                     };
-                    let a = Weights::new(
-                        c1 - c0,
-                        px,
-                        packed::depth_block_in_place(c1 - c0),
-                        |r, t| da[r * lda + t],
-                    );
-                    let all = a.pack_all();
+                    let a = Lhs::rows(da, c1 - c0, px, lda, packed::depth_block_in_place(c1 - c0));
                     // Pixel t of the item: image n0 + t / band, row r0 + t % band / w.
                     let offsets: Vec<usize> = (0..px)
                         .map(|t| {
@@ -578,7 +593,6 @@ fn backward_weight_tiled(
                     unsafe {
                         packed::multiply_in_place(
                             &a,
-                            &all,
                             0..a.panels(),
                             tiles,
                             tile_at,
@@ -602,15 +616,19 @@ fn backward_weight_tiled(
     let mut dw = vec![0.0; co * depth];
     dw.par_chunks_mut(depth.max(1))
         .zip(&block_of)
-        .for_each(|(row, &(b, r))| {
-            let src = |g: usize, d: usize| parts[g * blocks + b][r * depth + d];
-            for e in 0..kk {
-                for i in 0..c {
-                    let d = e * c + i;
-                    let mut v = src(0, d);
-                    for g in 1..groups {
-                        v += src(g, d);
-                    }
+        .for_each_init(Vec::new, |sum, (row, &(b, r))| {
+            // The groups' rows in order, whole rows at a time (they vectorise): each
+            // element is still part 0 + part 1 + ... in group order.
+            let part = |g: usize| &parts[g * blocks + b][r * depth..][..depth];
+            sum.clear();
+            sum.extend_from_slice(part(0));
+            for g in 1..groups {
+                for (v, p) in sum.iter_mut().zip(part(g)) {
+                    *v += p;
+                }
+            }
+            for (e, shift) in sum.chunks_exact(c).enumerate() {
+                for (i, &v) in shift.iter().enumerate() {
                     row[i * kk + e] = v;
                 }
             }
@@ -770,8 +788,9 @@ mod tests {
             let x = values(s.len(), 1);
             let w = values(co * s.c * k * k, 2);
             let b = values(co, 3);
-            let y = forward_tiled(&x, s, co, k, Some(&b), tiling, |r, c| {
-                w[r * s.c * k * k + c]
+            let depth = s.c * k * k;
+            let y = forward_tiled(&x, s, co, k, Some(&b), tiling, |kc| {
+                Lhs::rows(&w, co, depth, depth, kc)
             });
             assert!(
                 rel_err(&y, &naive(&x, s, &w, co, k, &b)) < 1e-5,
@@ -869,8 +888,8 @@ mod tests {
         let x = values(s.len(), 7);
         let w = values(6 * s.c * 9, 8);
         let run = |rows, imgs| {
-            forward_tiled(&x, s, 6, 3, None, Tiling::with(rows, imgs, s), |r, c| {
-                w[r * s.c * 9 + c]
+            forward_tiled(&x, s, 6, 3, None, Tiling::with(rows, imgs, s), |kc| {
+                Lhs::rows(&w, 6, s.c * 9, s.c * 9, kc)
             })
         };
         let (a, b, c) = (run(1, 1), run(9, 1), run(9, 3));

@@ -1,9 +1,9 @@
-//! The convolutions' GEMM: `C = A B` with `A` (the weights) packed once per call into
-//! panels of [`MR`] rows, `B` (a work item's columns) packed by the caller straight from
-//! the image into panels of [`NR`] columns (im2col and packing in one pass), and an
-//! `MR x NR` microkernel: AVX-512 where the processor has it (one 16-float register per
-//! row), else AVX2 with FMA (two 8-float registers per row), else the same arithmetic
-//! in plain Rust.
+//! The convolutions' GEMM: `C = A B` with `A` (the weights, or an output gradient) read
+//! where it lies in panels of up to [`MR`] rows ([`Lhs`]), `B` (a work item's columns)
+//! read in place or packed by the caller straight from the image into panels of [`NR`]
+//! columns (im2col and packing in one pass), and an `MR x NR` microkernel: AVX-512 where
+//! the processor has it (one 16-float register per row), else AVX2 with FMA (two 8-float
+//! registers per row), else the same arithmetic in plain Rust.
 //!
 //! Every element of `C` is its initial value (zero, a bias, or what `C` held) followed by
 //! the products `A[r, k] B[k, q]` added one at a time with a fused multiply-add, in `k`
@@ -26,17 +26,23 @@ const B_BLOCK_FLOATS: usize = 64 * 1024;
 /// Floats a block of `A` aims at, when `B` is read in place (half of L2).
 const A_BLOCK_FLOATS: usize = 64 * 1024;
 
-/// `A` (`m x k`, element `(r, c)` being `at(r, c)`) cut into panels of at most [`MR`]
-/// rows and depth blocks of `kc`, packed a block at a time by [`Weights::pack`] into the
-/// caller's scratch space (it stays in the caches, and each work item packs only the
-/// panels it multiplies): panel `i` of a block `kb` deep at `i * MR * kb`, element
-/// `(starts[i] + r, k0 + t)` at `t * MR + r` in it (rows past the panel's height zero).
-pub struct Weights<F> {
+/// `A` (`m x k`) read where it lies, never copied: element `(r, t)` at
+/// `data[r * rs + col(t)]`, `col(t)` being `t` (rows of a matrix, `rs` apart) or
+/// `cols[t]` (any gather that is the same for every row, e.g. the flipped, transposed
+/// weights of an input gradient). It is cut into panels of at most [`MR`] rows, which
+/// the kernel reads a row each, and into depth blocks of `kc`.
+///
+/// Packing `A` into panels first cost a read, a write and a second read of the weights
+/// in every call: a tenth of a deep layer's time on small images, whose weights are
+/// larger than their activations.
+pub struct Lhs<'a> {
+    data: &'a [f32],
+    rs: usize,
+    cols: Option<&'a [usize]>,
     /// First row of each panel, and `m` last.
     starts: Vec<usize>,
     k: usize,
     kc: usize,
-    at: F,
 }
 
 /// Panel heights for `m` rows: [`MR`] each, the rest in panels of 4 where it can be (a
@@ -55,23 +61,56 @@ fn heights(m: usize) -> Vec<usize> {
     h
 }
 
-impl<F: Fn(usize, usize) -> f32> Weights<F> {
-    /// The `m x k` matrix `at`, in depth blocks of `kc` ([`depth_block`],
-    /// [`depth_block_in_place`]).
-    pub fn new(m: usize, k: usize, kc: usize, at: F) -> Self {
+impl<'a> Lhs<'a> {
+    /// The `m x k` matrix whose row `r` is `data[r * rs..][..k]`, in depth blocks of
+    /// `kc` ([`depth_block`], [`depth_block_in_place`]).
+    ///
+    /// # Panics
+    /// When a row overruns `data`.
+    pub fn rows(data: &'a [f32], m: usize, k: usize, rs: usize, kc: usize) -> Self {
+        Self::new(data, m, k, rs, None, kc)
+    }
+
+    /// The `m x cols.len()` matrix whose element `(r, t)` is `data[r * rs + cols[t]]`.
+    ///
+    /// # Panics
+    /// When an element lies outside `data`.
+    pub fn gathered(data: &'a [f32], m: usize, rs: usize, cols: &'a [usize], kc: usize) -> Self {
+        Self::new(data, m, cols.len(), rs, Some(cols), kc)
+    }
+
+    fn new(
+        data: &'a [f32],
+        m: usize,
+        k: usize,
+        rs: usize,
+        cols: Option<&'a [usize]>,
+        kc: usize,
+    ) -> Self {
+        if m > 0 && k > 0 {
+            let last_col = cols.map_or(k - 1, |c| c.iter().copied().max().unwrap_or(0));
+            let last = (m - 1) * rs + last_col;
+            assert!(
+                last < data.len(),
+                "A: {m} rows {rs} apart, columns to {last_col}, overrun {} floats",
+                data.len()
+            );
+        }
         let mut starts = vec![0];
         for h in heights(m) {
             starts.push(starts.last().unwrap() + h);
         }
-        Weights {
+        Lhs {
+            data,
+            rs,
+            cols,
             starts,
             k,
             kc: kc.max(1),
-            at,
         }
     }
 
-    pub fn rows(&self) -> usize {
+    pub fn height(&self) -> usize {
         *self.starts.last().unwrap()
     }
 
@@ -81,60 +120,9 @@ impl<F: Fn(usize, usize) -> f32> Weights<F> {
     }
 
     /// The depth blocks: `(k0, kb)`.
-    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + use<F> {
+    fn blocks(&self) -> impl Iterator<Item = (usize, usize)> + use<> {
         let (k, kc) = (self.k, self.kc);
         (0..k).step_by(kc).map(move |k0| (k0, kc.min(k - k0)))
-    }
-
-    /// Writes panel `i` of the depth block `(k0, kb)` into `out` (`MR * kb` floats).
-    fn pack_panel(&self, (k0, kb): (usize, usize), i: usize, out: &mut [f32]) {
-        let (r0, h) = (self.starts[i], self.starts[i + 1] - self.starts[i]);
-        for (t, col) in out[..MR * kb].chunks_exact_mut(MR).enumerate() {
-            if h == MR {
-                for (r, v) in col.iter_mut().enumerate() {
-                    *v = (self.at)(r0 + r, k0 + t);
-                }
-            } else {
-                for (r, v) in col.iter_mut().enumerate() {
-                    *v = if r < h {
-                        (self.at)(r0 + r, k0 + t)
-                    } else {
-                        0.0
-                    };
-                }
-            }
-        }
-    }
-
-    /// Every block, each with all its panels: block `k0` at `k0 * MR * panels`, panel
-    /// `i` of it `i * MR * kb` further (element `(starts[i] + r, k0 + t)` at `t * MR + r`
-    /// in the panel). On this thread: for work items (see [`Self::pack_all_parallel`]).
-    pub fn pack_all(&self) -> Vec<f32> {
-        let mut all = vec![0.0; self.panels() * MR * self.k];
-        for (k0, kb) in self.blocks() {
-            let block = &mut all[k0 * MR * self.panels()..][..self.panels() * MR * kb];
-            for (i, panel) in block.chunks_exact_mut(MR * kb).enumerate() {
-                self.pack_panel((k0, kb), i, panel);
-            }
-        }
-        all
-    }
-
-    /// [`Self::pack_all`] with the panels packed on the pool, outside work items.
-    pub fn pack_all_parallel(&self) -> Vec<f32>
-    where
-        F: Sync,
-    {
-        use rayon::prelude::*;
-        let mut all = vec![0.0; self.panels() * MR * self.k];
-        for (k0, kb) in self.blocks() {
-            let block = &mut all[k0 * MR * self.panels()..][..self.panels() * MR * kb];
-            block
-                .par_chunks_mut(MR * kb)
-                .enumerate()
-                .for_each(|(i, panel)| self.pack_panel((k0, kb), i, panel));
-        }
-        all
     }
 
     /// Panel `i`'s first row and height.
@@ -181,19 +169,39 @@ pub enum Init<'a> {
     Add,
 }
 
-/// `C[r, q] = init + sum_t A[r, t] B[t, q]` for the rows of panels `panels` of `a`
-/// (`packed`: [`Weights::pack_all`] of it) and the `p` columns `pack` packs: called with
-/// `(k0, kb, buf)` it writes `B`'s rows `k0..k0 + kb` into `buf` (`p` rounded up to
-/// [`NR`], times `kb` floats) as panels `[kb][NR]`, one per [`NR`] columns (columns past
-/// `p` are ignored). `bbuf` is the caller's scratch space.
+/// `C[r, q] = init + sum_t A[r, t] B[t, q]` for the rows of panels `panels` of `a` and
+/// the `p` columns `pack` packs: called with `(k0, kb, buf)` it writes `B`'s rows
+/// `k0..k0 + kb` into `buf` (`p` rounded up to [`NR`], times `kb` floats) as panels
+/// `[kb][NR]`, one per [`NR`] columns (columns past `p` are ignored). `bbuf` is the
+/// caller's scratch space.
 ///
 /// # Safety
 /// Every `out.at(r, q)`, `r` a row of the panels, `q < p`, must be valid for
 /// reads and writes and touched by no other thread during the call.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn multiply<F: Fn(usize, usize) -> f32>(
-    a: &Weights<F>,
-    packed: &[f32],
+pub unsafe fn multiply(
+    a: &Lhs,
+    panels: Range<usize>,
+    p: usize,
+    pack: impl FnMut(usize, usize, &mut [f32]),
+    out: Out,
+    init: Init,
+    bbuf: &mut Vec<f32>,
+) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        match a.cols {
+            None => multiply_by(a, Run::at(a), panels, p, pack, out, init, bbuf),
+            Some(cols) => multiply_by(a, Gather::at(a, cols), panels, p, pack, out, init, bbuf),
+        }
+    }
+}
+
+/// [`multiply`] with `A`'s panels read by `panel(r0, k0)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn multiply_by<A: Panel>(
+    a: &Lhs,
+    panel: impl Fn(usize, usize) -> A,
     panels: Range<usize>,
     p: usize,
     mut pack: impl FnMut(usize, usize, &mut [f32]),
@@ -201,42 +209,29 @@ pub unsafe fn multiply<F: Fn(usize, usize) -> f32>(
     init: Init,
     bbuf: &mut Vec<f32>,
 ) {
-    assert_eq!(
-        packed.len(),
-        a.panels() * MR * a.k,
-        "not `a`'s packed blocks"
-    );
-    assert!(
-        panels.end <= a.panels(),
-        "panels {panels:?} of {}",
-        a.panels()
-    );
-    if let Init::Set(Some(b)) = init {
-        assert!(b.len() >= a.rows(), "bias shorter than the rows");
-    }
+    check(a, &panels, init);
     let np = p.div_ceil(NR) * NR;
-    let kernels = Kernels::<Packed>::new();
+    let kernels = Kernels::<A, Packed>::new();
     for (k0, kb) in a.blocks() {
         let b = super::scratch(bbuf, np * kb);
         pack(k0, kb, b);
-        let block = &packed[k0 * MR * a.panels()..][..MR * a.panels() * kb];
         for i in panels.clone() {
             // One panel at a time: it stays in L1 while the block of B streams from L2.
-            let panel = &block[i * MR * kb..][..MR * kb];
             let (r0, nrows) = a.panel_rows(i);
+            let ap = panel(r0, k0);
             let start = start_rows(init, k0, r0, nrows);
             for (j, bp) in b.chunks_exact(NR * kb).enumerate() {
                 let q0 = j * NR;
                 let ncols = NR.min(p - q0);
                 let straight = ncols == NR && q0 % out.seg + NR <= out.seg;
                 let at = |r, c| out.at(r0 + r, q0 + c);
-                // SAFETY: the tile's elements are the caller's promise; the panels hold
-                // MR * kb and NR * kb floats.
+                // SAFETY: the tile's elements are the caller's promise; `A`'s rows were
+                // checked against its data, B's panel holds NR * kb floats.
                 unsafe {
                     tile(
                         kernels.get(nrows),
-                        kb,
-                        panel,
+                        (kb, a.rs),
+                        ap,
                         Packed(bp.as_ptr()),
                         start.as_ref(),
                         (nrows, ncols),
@@ -247,35 +242,44 @@ pub unsafe fn multiply<F: Fn(usize, usize) -> f32>(
             }
         }
     }
-    if a.k == 0 {
+    if a.k == 0
+        && let Init::Set(bias) = init
+    {
         // No products: C is its initial value.
         for r in a.starts[panels.start]..a.starts[panels.end] {
             for q in 0..p {
-                let v = match init {
-                    Init::Set(bias) => bias.map_or(0.0, |b| b[r]),
-                    Init::Add => continue,
-                };
                 // SAFETY: an element the caller vouches for.
-                unsafe { *out.at(r, q) = v };
+                unsafe { *out.at(r, q) = bias.map_or(0.0, |b| b[r]) };
             }
         }
     }
 }
 
-/// `C[r, q] = init + sum_t A[r, t] B[t, q]` as [`multiply`] computes it, with `A` packed
-/// whole ([`Weights::pack_all`]: each work item reuses it) and `B` read in place: column `c` of tile `j` (of `tiles`) at depth `t` is `base[offsets[t] + c]`,
-/// where `tile(j)` gives `(base, C's column 0 of the tile, columns in the tile)`; a tile
-/// of fewer than [`NR`] columns may still read all [`NR`] floats from each `base +
-/// offsets[t]`. `C`'s rows are `ldc` apart.
+/// The panels are `A`'s and a bias has a value for each of their rows.
+fn check(a: &Lhs, panels: &Range<usize>, init: Init) {
+    assert!(
+        panels.end <= a.panels(),
+        "panels {panels:?} of {}",
+        a.panels()
+    );
+    if let Init::Set(Some(b)) = init {
+        assert!(b.len() >= a.height(), "bias shorter than the rows");
+    }
+}
+
+/// `C[r, q] = init + sum_t A[r, t] B[t, q]` as [`multiply`] computes it, with `B` read
+/// in place: column `c` of tile `j` (of `tiles`) at depth `t` is
+/// `base[offsets[t] + c]`, where `tile(j)` gives `(base, C's column 0 of the tile,
+/// columns in the tile)`; a tile of fewer than [`NR`] columns may still read all [`NR`]
+/// floats from each `base + offsets[t]`. `C`'s rows are `ldc` apart.
 ///
 /// # Safety
 /// For every tile, `base + offsets[t] + c` is valid for reads for `t < a`'s depth,
 /// `c < NR`; the tile's `C` elements (the rows of panels `panels`) valid for reads and
 /// writes, touched by no other thread during the call.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn multiply_in_place<F: Fn(usize, usize) -> f32>(
-    a: &Weights<F>,
-    packed: &[f32],
+pub unsafe fn multiply_in_place(
+    a: &Lhs,
     panels: Range<usize>,
     tiles: usize,
     tile_at: impl Fn(usize) -> (*const f32, *mut f32, usize),
@@ -283,38 +287,49 @@ pub unsafe fn multiply_in_place<F: Fn(usize, usize) -> f32>(
     ldc: usize,
     init: Init,
 ) {
-    assert_eq!(
-        packed.len(),
-        a.panels() * MR * a.k,
-        "not `a`'s packed blocks"
-    );
-    assert!(
-        panels.end <= a.panels(),
-        "panels {panels:?} of {}",
-        a.panels()
-    );
-    assert_eq!(offsets.len(), a.k, "one offset per depth");
-    if let Init::Set(Some(b)) = init {
-        assert!(b.len() >= a.rows(), "bias shorter than the rows");
+    // SAFETY: the caller's promise.
+    unsafe {
+        match a.cols {
+            None => in_place_by(a, Run::at(a), panels, tiles, tile_at, offsets, ldc, init),
+            Some(cols) => {
+                let panel = Gather::at(a, cols);
+                in_place_by(a, panel, panels, tiles, tile_at, offsets, ldc, init);
+            }
+        }
     }
-    let kernels = Kernels::<InPlace>::new();
+}
+
+/// [`multiply_in_place`] with `A`'s panels read by `panel(r0, k0)`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn in_place_by<A: Panel>(
+    a: &Lhs,
+    panel: impl Fn(usize, usize) -> A,
+    panels: Range<usize>,
+    tiles: usize,
+    tile_at: impl Fn(usize) -> (*const f32, *mut f32, usize),
+    offsets: &[usize],
+    ldc: usize,
+    init: Init,
+) {
+    check(a, &panels, init);
+    assert_eq!(offsets.len(), a.k, "one offset per depth");
+    let kernels = Kernels::<A, Gather>::new();
     for (k0, kb) in a.blocks() {
         let offs = offsets[k0..k0 + kb].as_ptr();
-        let block = &packed[k0 * MR * a.panels()..][..MR * a.panels() * kb];
-        let ap = &block[panels.start * MR * kb..panels.end * MR * kb];
         for j in 0..tiles {
             let (base, c, ncols) = tile_at(j);
-            let b = InPlace(base, offs);
-            for (i, panel) in panels.clone().zip(ap.chunks_exact(MR * kb)) {
+            let b = Gather(base, offs);
+            for i in panels.clone() {
                 let (r0, nrows) = a.panel_rows(i);
                 let start = start_rows(init, k0, r0, nrows);
                 let at = |r: usize, q: usize| c.wrapping_add((r0 + r) * ldc + q);
-                // SAFETY: the caller's promise, for B and C.
+                // SAFETY: the caller's promise, for B and C; `A`'s rows were checked
+                // against its data.
                 unsafe {
                     tile(
                         kernels.get(nrows),
-                        kb,
-                        panel,
+                        (kb, a.rs),
+                        panel(r0, k0),
                         b,
                         start.as_ref(),
                         (nrows, ncols),
@@ -325,15 +340,16 @@ pub unsafe fn multiply_in_place<F: Fn(usize, usize) -> f32>(
             }
         }
     }
-    if a.k == 0 {
+    if a.k == 0
+        && let Init::Set(bias) = init
+    {
+        // No products: C is its initial value.
         for j in 0..tiles {
             let (_, c, ncols) = tile_at(j);
             for r in a.starts[panels.start]..a.starts[panels.end] {
                 for q in 0..ncols {
-                    if let Init::Set(bias) = init {
-                        // SAFETY: an element the caller vouches for.
-                        unsafe { *c.wrapping_add(r * ldc + q) = bias.map_or(0.0, |b| b[r]) };
-                    }
+                    // SAFETY: an element the caller vouches for.
+                    unsafe { *c.wrapping_add(r * ldc + q) = bias.map_or(0.0, |b| b[r]) };
                 }
             }
         }
@@ -362,10 +378,10 @@ fn start_rows(init: Init, k0: usize, r0: usize, nrows: usize) -> Option<[f32; MR
 /// # Safety
 /// As the kernel's, for `a`, `b` and each `at(r, c)`, `r < nrows`, `c < ncols`.
 #[allow(clippy::too_many_arguments)]
-unsafe fn tile<B: Panel>(
-    kernel: Kernel<B>,
-    kb: usize,
-    a: &[f32],
+unsafe fn tile<A: Panel, B: Panel>(
+    kernel: Kernel<A, B>,
+    (kb, rs): (usize, usize),
+    a: A,
     b: B,
     start: Option<&[f32; MR]>,
     (nrows, ncols): (usize, usize),
@@ -374,7 +390,7 @@ unsafe fn tile<B: Panel>(
 ) {
     if let Some((c, ldc)) = straight {
         // SAFETY: the caller's promise.
-        unsafe { kernel(kb, a.as_ptr(), b, c, ldc, start, nrows) };
+        unsafe { kernel(kb, a, rs, b, c, ldc, start, nrows) };
         return;
     }
     let mut tile = [0.0f32; MR * NR];
@@ -387,7 +403,7 @@ unsafe fn tile<B: Panel>(
         }
     }
     // SAFETY: the local tile is MR x NR with rows NR apart; `a` and `b` the caller's.
-    unsafe { kernel(kb, a.as_ptr(), b, tile.as_mut_ptr(), NR, start, nrows) };
+    unsafe { kernel(kb, a, rs, b, tile.as_mut_ptr(), NR, start, nrows) };
     for r in 0..nrows {
         for c in 0..ncols {
             // SAFETY: as above.
@@ -396,14 +412,16 @@ unsafe fn tile<B: Panel>(
     }
 }
 
-/// Where the kernel finds row `t` of a tile of `B` (its [`NR`] columns, contiguous).
+/// Where the kernel finds depth `t` of a panel: for `B`, the [`NR`] contiguous columns
+/// of its row `t`; for `A`, the element of the panel's first row (row `r` is `r * rs`
+/// further).
 pub trait Panel: Copy {
     /// # Safety
     /// `t` below the depth the panel was made for.
     unsafe fn row(self, t: usize) -> *const f32;
 }
 
-/// A packed panel: row `t` at `t * NR`.
+/// A packed panel of `B`: row `t` at `t * NR`.
 #[derive(Clone, Copy)]
 pub struct Packed(*const f32);
 
@@ -414,11 +432,18 @@ impl Panel for Packed {
     }
 }
 
-/// `B` in place: row `t` at `base + offsets[t]`.
+/// Depth `t` at `base + offsets[t]`: `B` read in place, or `A`'s gathered columns.
 #[derive(Clone, Copy)]
-pub struct InPlace(*const f32, *const usize);
+pub struct Gather(*const f32, *const usize);
 
-impl Panel for InPlace {
+impl Gather {
+    /// `A`'s panels from row `r0`, depth `k0`, over the columns `cols`.
+    fn at<'a>(a: &'a Lhs, cols: &'a [usize]) -> impl Fn(usize, usize) -> Gather + 'a {
+        move |r0, k0| Gather(a.data.as_ptr().wrapping_add(r0 * a.rs), cols[k0..].as_ptr())
+    }
+}
+
+impl Panel for Gather {
     #[inline(always)]
     unsafe fn row(self, t: usize) -> *const f32 {
         // SAFETY: `t` is below the offsets' length (the caller's promise).
@@ -426,18 +451,35 @@ impl Panel for InPlace {
     }
 }
 
-/// `c[r * ldc + q] = start + sum_t a[t * MR + r] * b.row(t)[q]` for the first `rows` rows
-/// of an `MR x NR` tile (`rows` at most the kernel's own), `start` being `init[r]` or
-/// (without `init`) what `c` holds.
-type Kernel<B> = unsafe fn(usize, *const f32, B, *mut f32, usize, Option<&[f32; MR]>, usize);
+/// `A`'s rows as they lie: depth `t` at `t`.
+#[derive(Clone, Copy)]
+pub struct Run(*const f32);
 
-/// The fastest kernels this processor runs: for panels of up to 4 rows, and of [`MR`].
-struct Kernels<B> {
-    four: Kernel<B>,
-    six: Kernel<B>,
+impl Run {
+    /// `A`'s panels from row `r0`, depth `k0`.
+    fn at<'a>(a: &'a Lhs) -> impl Fn(usize, usize) -> Run + 'a {
+        move |r0, k0| Run(a.data.as_ptr().wrapping_add(r0 * a.rs + k0))
+    }
 }
 
-impl<B: Panel> Kernels<B> {
+impl Panel for Run {
+    #[inline(always)]
+    unsafe fn row(self, t: usize) -> *const f32 {
+        self.0.wrapping_add(t)
+    }
+}
+
+/// `c[r * ldc + q] = start + sum_t A[r, t] * b.row(t)[q]` for the `rows` rows of an
+/// `rows x NR` tile, `A[r, t]` being `a.row(t)[r * rs]`, `start` being `init[r]` or
+/// (without `init`) what `c` holds.
+type Kernel<A, B> = unsafe fn(usize, A, usize, B, *mut f32, usize, Option<&[f32; MR]>, usize);
+
+/// The fastest kernels this processor runs, one for each panel height.
+struct Kernels<A, B> {
+    by_rows: [Kernel<A, B>; MR],
+}
+
+impl<A: Panel, B: Panel> Kernels<A, B> {
     /// The fastest this processor runs.
     fn new() -> Self {
         Self::of(isas()[0])
@@ -445,45 +487,52 @@ impl<B: Panel> Kernels<B> {
 
     /// The kernels for `isa` (which the processor must run).
     fn of(isa: Isa) -> Self {
-        match isa {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => Kernels {
-                four: avx512::kernel::<B, 4>,
-                six: avx512::kernel::<B, MR>,
-            },
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => Kernels {
-                four: avx2::kernel::<B, 4>,
-                six: avx2::kernel::<B, MR>,
-            },
-            _ => Kernels {
-                four: portable::<B>,
-                six: portable::<B>,
-            },
+        /// The kernels of module `$isa` for 1 to [`MR`] rows.
+        macro_rules! by_rows {
+            ($isa:ident) => {
+                [
+                    $isa::kernel::<A, B, 1> as Kernel<A, B>,
+                    $isa::kernel::<A, B, 2>,
+                    $isa::kernel::<A, B, 3>,
+                    $isa::kernel::<A, B, 4>,
+                    $isa::kernel::<A, B, 5>,
+                    $isa::kernel::<A, B, 6>,
+                ]
+            };
         }
+        let by_rows = match isa {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => by_rows!(avx512),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => by_rows!(avx2),
+            _ => [portable::<A, B> as Kernel<A, B>; MR],
+        };
+        Kernels { by_rows }
     }
 
-    fn get(&self, rows: usize) -> Kernel<B> {
-        if rows <= 4 { self.four } else { self.six }
+    /// The kernel for panels of `rows` rows (1 to [`MR`]).
+    fn get(&self, rows: usize) -> Kernel<A, B> {
+        self.by_rows[rows - 1]
     }
 }
 
 /// The kernel in plain Rust.
 ///
 /// # Safety
-/// `a` holds `kb * MR` floats, `b.row(t)` [`NR`] for `t < kb`; `c.add(r * ldc + q)` is
-/// valid for reads and writes for `r < rows`, `q < NR`.
-unsafe fn portable<B: Panel>(
+/// `a.row(t).add(r * rs)` is valid for reads for `t < kb`, `r < rows`, `b.row(t)` for
+/// [`NR`] floats; `c.add(r * ldc + q)` is valid for reads and writes for `r < rows`,
+/// `q < NR`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn portable<A: Panel, B: Panel>(
     kb: usize,
-    a: *const f32,
+    a: A,
+    rs: usize,
     b: B,
     c: *mut f32,
     ldc: usize,
     init: Option<&[f32; MR]>,
     rows: usize,
 ) {
-    // SAFETY: the length is the caller's promise.
-    let a = unsafe { std::slice::from_raw_parts(a, kb * MR) };
     let mut acc = [[0.0f32; NR]; MR];
     for (r, row) in acc.iter_mut().enumerate().take(rows) {
         match init {
@@ -492,10 +541,12 @@ unsafe fn portable<B: Panel>(
             None => row.copy_from_slice(unsafe { std::slice::from_raw_parts(c.add(r * ldc), NR) }),
         }
     }
-    for (t, at) in a.chunks_exact(MR).enumerate() {
+    for t in 0..kb {
         // SAFETY: t < kb.
-        let bt = unsafe { std::slice::from_raw_parts(b.row(t), NR) };
-        for (row, &av) in acc.iter_mut().zip(at) {
+        let (at, bt) = unsafe { (a.row(t), std::slice::from_raw_parts(b.row(t), NR)) };
+        for (r, row) in acc.iter_mut().enumerate().take(rows) {
+            // SAFETY: r < rows.
+            let av = unsafe { *at.add(r * rs) };
             for (v, &bv) in row.iter_mut().zip(bt) {
                 *v = av.mul_add(bv, *v);
             }
@@ -513,19 +564,21 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     /// The kernel with AVX2 and FMA for `R` rows: `2 R` accumulators (each row two
-    /// registers of 8 floats); `a` still has [`MR`] floats per depth.
+    /// registers of 8 floats).
     ///
     /// # Safety
-    /// As [`super::portable`]'s, `rows <= R`, and the processor has AVX2 and FMA.
+    /// As [`super::portable`]'s, `rows == R`, and the processor has AVX2 and FMA.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn kernel<B: Panel, const R: usize>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel<A: Panel, B: Panel, const R: usize>(
         kb: usize,
-        a: *const f32,
+        a: A,
+        rs: usize,
         b: B,
         c: *mut f32,
         ldc: usize,
         init: Option<&[f32; MR]>,
-        rows: usize,
+        _rows: usize,
     ) {
         const { assert!(R <= MR && NR == 16) };
         let mut lo = [_mm256_setzero_ps(); R];
@@ -539,26 +592,23 @@ mod avx2 {
                         lo[r] = _mm256_set1_ps(v[r]);
                         hi[r] = lo[r];
                     }
-                    None if r < rows => {
+                    None => {
                         lo[r] = _mm256_loadu_ps(c.add(r * ldc));
                         hi[r] = _mm256_loadu_ps(c.add(r * ldc + 8));
                     }
-                    None => {}
                 }
             }
-            let mut a = a;
             for t in 0..kb {
-                let bt = b.row(t);
+                let (at, bt) = (a.row(t), b.row(t));
                 let b0 = _mm256_loadu_ps(bt);
                 let b1 = _mm256_loadu_ps(bt.add(8));
                 for r in 0..R {
-                    let av = _mm256_broadcast_ss(&*a.add(r));
+                    let av = _mm256_broadcast_ss(&*at.add(r * rs));
                     lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
                     hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
                 }
-                a = a.add(MR);
             }
-            for r in 0..rows.min(R) {
+            for r in 0..R {
                 _mm256_storeu_ps(c.add(r * ldc), lo[r]);
                 _mm256_storeu_ps(c.add(r * ldc + 8), hi[r]);
             }
@@ -571,20 +621,21 @@ mod avx512 {
     use super::{MR, NR, Panel};
     use std::arch::x86_64::*;
 
-    /// The kernel with AVX-512 for `R` rows: `R` accumulators of 16 floats; `a` still
-    /// has [`MR`] floats per depth.
+    /// The kernel with AVX-512 for `R` rows: `R` accumulators of 16 floats.
     ///
     /// # Safety
-    /// As [`super::portable`]'s, `rows <= R`, and the processor has AVX-512F.
+    /// As [`super::portable`]'s, `rows == R`, and the processor has AVX-512F.
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn kernel<B: Panel, const R: usize>(
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn kernel<A: Panel, B: Panel, const R: usize>(
         kb: usize,
-        a: *const f32,
+        a: A,
+        rs: usize,
         b: B,
         c: *mut f32,
         ldc: usize,
         init: Option<&[f32; MR]>,
-        rows: usize,
+        _rows: usize,
     ) {
         const { assert!(R <= MR && NR == 16) };
         let mut acc = [_mm512_setzero_ps(); R];
@@ -592,21 +643,18 @@ mod avx512 {
         // below is inside them.
         unsafe {
             for (r, acc) in acc.iter_mut().enumerate() {
-                match init {
-                    Some(v) => *acc = _mm512_set1_ps(v[r]),
-                    None if r < rows => *acc = _mm512_loadu_ps(c.add(r * ldc)),
-                    None => {}
-                }
+                *acc = match init {
+                    Some(v) => _mm512_set1_ps(v[r]),
+                    None => _mm512_loadu_ps(c.add(r * ldc)),
+                };
             }
-            let mut a = a;
             for t in 0..kb {
-                let bt = _mm512_loadu_ps(b.row(t));
+                let (at, bt) = (a.row(t), _mm512_loadu_ps(b.row(t)));
                 for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*a.add(r)), bt, *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*at.add(r * rs)), bt, *acc);
                 }
-                a = a.add(MR);
             }
-            for (r, acc) in acc.iter().enumerate().take(rows) {
+            for (r, acc) in acc.iter().enumerate() {
                 _mm512_storeu_ps(c.add(r * ldc), *acc);
             }
         }
@@ -676,18 +724,11 @@ mod tests {
     ///
     /// # Safety
     /// As [`multiply`]'s, for `out`.
-    unsafe fn product<F: Fn(usize, usize) -> f32>(
-        a: &Weights<F>,
-        b: &[f32],
-        p: usize,
-        out: Out,
-        init: Init,
-    ) {
+    unsafe fn product(a: &Lhs, b: &[f32], p: usize, out: Out, init: Init) {
         let mut buf = Vec::new();
         let pack = pack_rows(b, p);
-        let all = a.pack_all();
         // SAFETY: the caller's promise.
-        unsafe { multiply(a, &all, 0..a.panels(), p, pack, out, init, &mut buf) };
+        unsafe { multiply(a, 0..a.panels(), p, pack, out, init, &mut buf) };
     }
 
     fn same_bits(got: &[f32], want: &[f32]) -> bool {
@@ -696,95 +737,132 @@ mod tests {
             .all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
+    /// `a` (`m x k`, row-major) stored with its columns reversed and rows `rs > k` apart:
+    /// element `(r, t)` at `r * rs + cols[t]`.
+    fn scattered(a: &[f32], m: usize, k: usize) -> (Vec<f32>, Vec<usize>, usize) {
+        let rs = k + 3;
+        let cols: Vec<usize> = (0..k).map(|t| k - 1 - t).collect();
+        let mut data = vec![f32::NAN; m * rs];
+        for r in 0..m {
+            for t in 0..k {
+                data[r * rs + cols[t]] = a[r * k + t];
+            }
+        }
+        (data, cols, rs)
+    }
+
     #[test]
     fn products_are_sequential_fused_sums_in_every_kernel_and_blocking() {
-        // Edges in both dimensions, several depth blocks (p = 300: blocks of 215; in
-        // place, 20 rows: blocks of 2730), a depth of zero.
+        // Edges in both dimensions, every panel height (m = 13: 6, 6, 1; 20: 6, 6, 4,
+        // 4; 5; 3), several depth blocks (p = 300: blocks of 215; in place, 20 rows:
+        // blocks of 2730), a depth of zero; A read as rows and gathered.
         for (m, k, p) in [
             (13, 700, 300),
             (6, 5, 16),
             (1, 1, 1),
             (7, 0, 20),
             (20, 3000, 33),
+            (5, 40, 17),
+            (3, 9, 50),
         ] {
             let a = values(m * k, 1);
             let b = values(k * p, 2);
             let bias = values(m, 3);
-            let pa = Weights::new(m, k, depth_block(p), |r, c| a[r * k + c]);
-            let mut c = vec![f32::NAN; m * p];
-            let out = Out {
-                ptr: c.as_mut_ptr(),
-                ldc: p,
-                seg: p,
-                seg_stride: 0,
-            };
-            // SAFETY: `c` is m x p with rows p apart.
-            unsafe { product(&pa, &b, p, out, Init::Set(Some(&bias))) };
+            let (sc, cols, rs) = scattered(&a, m, k);
             let start: Vec<f32> = (0..m * p).map(|i| bias[i / p]).collect();
             let want = sequential(&a, &b, m, k, p, &start);
-            assert!(same_bits(&c, &want), "{m}x{k}x{p}");
-            // Adding on: twice the products from the bias.
-            // SAFETY: as above.
-            unsafe { product(&pa, &b, p, out, Init::Add) };
             let twice = sequential(&a, &b, m, k, p, &want);
-            assert!(same_bits(&c, &twice), "add {m}x{k}x{p}");
+            for (how, lhs) in [
+                ("rows", Lhs::rows(&a, m, k, k, depth_block(p))),
+                ("gathered", Lhs::gathered(&sc, m, rs, &cols, depth_block(p))),
+            ] {
+                let mut c = vec![f32::NAN; m * p];
+                let out = Out {
+                    ptr: c.as_mut_ptr(),
+                    ldc: p,
+                    seg: p,
+                    seg_stride: 0,
+                };
+                // SAFETY: `c` is m x p with rows p apart.
+                unsafe { product(&lhs, &b, p, out, Init::Set(Some(&bias))) };
+                assert!(same_bits(&c, &want), "{how} {m}x{k}x{p}");
+                // Adding on: twice the products from the bias.
+                // SAFETY: as above.
+                unsafe { product(&lhs, &b, p, out, Init::Add) };
+                assert!(same_bits(&c, &twice), "{how} add {m}x{k}x{p}");
+            }
 
             // B read in place: tile j is columns 16 j.. of b's rows (b padded for the
             // last tile's full reads).
-            let pa = Weights::new(m, k, depth_block_in_place(m), |r, c| a[r * k + c]);
             let mut bp = b.clone();
             bp.resize(k * p + NR, 0.0);
             let offsets: Vec<usize> = (0..k).map(|t| t * p).collect();
-            let mut c = vec![f32::NAN; m * p];
-            let (cp, bq) = (c.as_mut_ptr(), bp.as_ptr());
-            let tile_at = |j: usize| {
+            for (how, lhs) in [
+                ("rows", Lhs::rows(&a, m, k, k, depth_block_in_place(m))),
                 (
-                    bq.wrapping_add(j * NR),
-                    cp.wrapping_add(j * NR),
-                    NR.min(p - j * NR),
-                )
-            };
-            let all = pa.pack_all();
-            // SAFETY: reads below row k - 1's column p + 15 (the padding); `c` m x p.
-            unsafe {
-                multiply_in_place(
-                    &pa,
-                    &all,
-                    0..pa.panels(),
-                    p.div_ceil(NR),
-                    tile_at,
-                    &offsets,
-                    p,
-                    Init::Set(Some(&bias)),
-                );
+                    "gathered",
+                    Lhs::gathered(&sc, m, rs, &cols, depth_block_in_place(m)),
+                ),
+            ] {
+                let mut c = vec![f32::NAN; m * p];
+                let (cp, bq) = (c.as_mut_ptr(), bp.as_ptr());
+                let tile_at = |j: usize| {
+                    (
+                        bq.wrapping_add(j * NR),
+                        cp.wrapping_add(j * NR),
+                        NR.min(p - j * NR),
+                    )
+                };
+                // SAFETY: reads below row k - 1's column p + 15 (the padding); `c` m x p.
+                unsafe {
+                    multiply_in_place(
+                        &lhs,
+                        0..lhs.panels(),
+                        p.div_ceil(NR),
+                        tile_at,
+                        &offsets,
+                        p,
+                        Init::Set(Some(&bias)),
+                    );
+                }
+                assert!(same_bits(&c, &want), "in place, {how} {m}x{k}x{p}");
             }
-            assert!(same_bits(&c, &want), "in place {m}x{k}x{p}");
         }
+    }
+
+    #[test]
+    #[should_panic(expected = "overrun")]
+    fn a_matrix_past_its_data_is_refused() {
+        let a = values(20, 1);
+        Lhs::rows(&a, 3, 8, 7, 64);
     }
 
     #[test]
     #[allow(clippy::print_stderr)] // which kernels this machine could check
     fn the_portable_kernel_gives_the_fast_kernels_bits() {
         let kb = 37;
-        let a = values(kb * MR, 4);
+        let (m, rs) = (MR, 41);
+        let a = values(m * rs, 4);
         let b = values(kb * NR, 5);
         let init = [0.5, -1.0, 2.0, 0.0, 3.0, -0.25];
         eprintln!("kernels compared with the portable one: {:?}", isas());
         for &isa in isas() {
-            let k = Kernels::<Packed>::of(isa);
-            let mut fast = vec![0.0; MR * NR];
-            let mut slow = vec![0.0; MR * NR];
-            // SAFETY: the tiles and panels have the promised sizes.
-            unsafe {
-                let b = Packed(b.as_ptr());
-                for rows in [MR, 4, 3] {
-                    k.get(rows)(kb, a.as_ptr(), b, fast.as_mut_ptr(), NR, Some(&init), rows);
-                    portable(kb, a.as_ptr(), b, slow.as_mut_ptr(), NR, Some(&init), rows);
-                    k.get(rows)(kb, a.as_ptr(), b, fast.as_mut_ptr(), NR, None, rows);
-                    portable(kb, a.as_ptr(), b, slow.as_mut_ptr(), NR, None, rows);
+            let k = Kernels::<Run, Packed>::of(isa);
+            let slow = Kernels::<Run, Packed>::of(Isa::Portable);
+            let (a, b) = (Run(a.as_ptr()), Packed(b.as_ptr()));
+            for rows in 1..=MR {
+                let mut fast = vec![0.0; MR * NR];
+                let mut slow_c = vec![0.0; MR * NR];
+                // SAFETY: the tiles and panels have the promised sizes: rows of `a` are
+                // rs apart, each kb deep.
+                unsafe {
+                    k.get(rows)(kb, a, rs, b, fast.as_mut_ptr(), NR, Some(&init), rows);
+                    slow.get(rows)(kb, a, rs, b, slow_c.as_mut_ptr(), NR, Some(&init), rows);
+                    k.get(rows)(kb, a, rs, b, fast.as_mut_ptr(), NR, None, rows);
+                    slow.get(rows)(kb, a, rs, b, slow_c.as_mut_ptr(), NR, None, rows);
                 }
+                assert!(same_bits(&fast, &slow_c), "{isa:?}, {rows} rows");
             }
-            assert!(same_bits(&fast, &slow), "{isa:?}");
         }
     }
 
@@ -794,7 +872,7 @@ mod tests {
         let (m, k, p, seg, stride) = (8, 9, 30, 10, 100);
         let a = values(m * k, 6);
         let b = values(k * p, 7);
-        let pa = Weights::new(m, k, depth_block(p), |r, c| a[r * k + c]);
+        let pa = Lhs::rows(&a, m, k, k, depth_block(p));
         let ldc = 12;
         let mut c = vec![-7.0f32; 3 * stride];
         let out = Out {
