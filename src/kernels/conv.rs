@@ -5,11 +5,10 @@
 //! (a convolution with the weights flipped and transposed) multiply the weights, read
 //! where they are stored (`[co, ci*k*k]`; the input gradient gathers the flipped ones,
 //! or on larger maps lays them out once), into bands of output rows, written in place
-//! in NCHW; their
-//! `B` is the input's columns (its rows shifted by each tap), read in place from a
-//! zero-padded copy for rows of [`NR`] pixels or more, else packed straight from the
-//! image. The weight gradient multiplies the output gradient by the columns transposed,
-//! read in place from the input laid out as padded NHWC.
+//! in NCHW; their `B` is the input's columns (its rows shifted by each tap), read in
+//! place from a zero-padded copy for rows of [`NR`] pixels or more, else packed straight
+//! from the image. The weight gradient multiplies the output gradient by the columns
+//! transposed, read in place from the input laid out as padded NHWC.
 
 use rayon::prelude::*;
 
