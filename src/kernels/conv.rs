@@ -13,7 +13,7 @@
 use rayon::prelude::*;
 
 use super::packed::{self, Init, Lhs, NR, Out};
-use super::{Nchw, REDUCE_GROUPS, Shared, filled, scratch, with_scratch};
+use super::{Nchw, REDUCE_GROUPS, Shared, filled, scratch, transpose, with_scratch};
 
 /// Floats a band's column buffer aims at (128 KiB: it and the GEMM's packed panels stay
 /// in L2; larger bands measured slower on a Zen 3 core).
@@ -441,23 +441,27 @@ fn backward_input_tiled(
         "weight is not [co, ci, k, k]"
     );
     // Element (i, c) of the flipped, transposed weights, c = o * kk + e, is
-    // weight[o, i, kk - 1 - e]: at[c] + i * kk.
+    // weight[o, i, kk - 1 - e].
     let kk = k * k;
-    let at: Vec<usize> = (0..co * kk)
-        .map(|c| (c / kk) * ci * kk + kk - 1 - c % kk)
-        .collect();
     if reads_in_place(s) {
         // There the kernel already looks up each depth's offset in B: a second lookup
         // for A's cost 15% of a layer. The weights are laid out as rows once (on these
-        // larger maps they are small next to the products).
-        let wt: Vec<f32> = (0..ci)
-            .flat_map(|i| at.iter().map(move |&a| a + i * kk))
-            .map(|j| weight[j])
-            .collect();
+        // larger maps they are small next to the products): row i is weight[o, i]
+        // flipped, for o in order.
+        let mut wt = Vec::with_capacity(ci * co * kk);
+        for i in 0..ci {
+            for o in 0..co {
+                wt.extend(weight[(o * ci + i) * kk..][..kk].iter().rev());
+            }
+        }
         return forward_tiled(dy, s, ci, k, None, tiling, |kc| {
             Lhs::rows(&wt, ci, co * kk, co * kk, kc)
         });
     }
+    // Element (i, c) at at[c] + i * kk.
+    let at: Vec<usize> = (0..co * kk)
+        .map(|c| (c / kk) * ci * kk + kk - 1 - c % kk)
+        .collect();
     forward_tiled(dy, s, ci, k, None, tiling, |kc| {
         Lhs::gathered(weight, ci, kk, &at, kc)
     })
@@ -551,58 +555,62 @@ fn backward_weight_tiled(
         .map(|gb| {
             let (g, b) = (gb / blocks, gb % blocks);
             let (c0, c1) = (b * co / blocks, (b + 1) * co / blocks);
-            let mut acc = vec![0.0f32; (c1 - c0) * depth];
-            with_scratch(|dyb, _, _| {
-                for (j, i) in (g * items / groups..(g + 1) * items / groups).enumerate() {
-                    let it = tiling.item(i);
-                    let band = (it.r1 - it.r0) * s.w;
-                    let px = (it.n1 - it.n0) * band;
-                    // A: the item's gradient rows c0..c1, each `lda` after the last.
-                    let (da, lda): (&[f32], usize) = if it.n1 - it.n0 == 1 {
-                        (&dy[(it.n0 * co + c0) * plane + it.r0 * s.w..], plane)
-                    } else {
-                        let dyb = scratch(dyb, (c1 - c0) * px);
-                        for (i, n) in (it.n0..it.n1).enumerate() {
-                            for c in c0..c1 {
-                                dyb[(c - c0) * px + i * band..][..band].copy_from_slice(
-                                    &dy[(n * co + c) * plane + it.r0 * s.w..][..band],
-                                );
+            let fill = |acc: Shared| {
+                with_scratch(|dyb, _, _| {
+                    for (j, i) in (g * items / groups..(g + 1) * items / groups).enumerate() {
+                        let it = tiling.item(i);
+                        let band = (it.r1 - it.r0) * s.w;
+                        let px = (it.n1 - it.n0) * band;
+                        // A: the item's gradient rows c0..c1, each `lda` after the last.
+                        let (da, lda): (&[f32], usize) = if it.n1 - it.n0 == 1 {
+                            (&dy[(it.n0 * co + c0) * plane + it.r0 * s.w..], plane)
+                        } else {
+                            let dyb = scratch(dyb, (c1 - c0) * px);
+                            for (i, n) in (it.n0..it.n1).enumerate() {
+                                for c in c0..c1 {
+                                    dyb[(c - c0) * px + i * band..][..band].copy_from_slice(
+                                        &dy[(n * co + c) * plane + it.r0 * s.w..][..band],
+                                    );
+                                }
                             }
-                        }
-                        (dyb, px)
-                    };
-                    let a = Lhs::rows(da, c1 - c0, px, lda, packed::depth_block_in_place(c1 - c0));
-                    // Pixel t of the item: image n0 + t / band, row r0 + t % band / w.
-                    let offsets: Vec<usize> = (0..px)
-                        .map(|t| {
-                            let (n, q) = (it.n0 + t / band, t % band);
-                            pixel_at(n, it.r0 + q / s.w, q % s.w)
-                        })
-                        .collect();
-                    let out = acc.as_mut_ptr();
-                    let tile_at = |j: usize| {
-                        let (b_at, c_at, ncols) = tile_of(j);
-                        (xt[b_at..].as_ptr(), out.wrapping_add(c_at), ncols)
-                    };
-                    let init = if j == 0 { Init::Set(None) } else { Init::Add };
-                    // SAFETY: B: tile j's reads start at its shift and channel block in
-                    // `xt` and run at most NR past the last pixel's offset: inside its
-                    // padded image plus the NR floats of slack; C: `acc`, this unit's own,
-                    // `c1 - c0` rows of `depth`, the tile's columns inside a row.
-                    unsafe {
-                        packed::multiply_in_place(
-                            &a,
-                            0..a.panels(),
-                            tiles,
-                            tile_at,
-                            &offsets,
-                            depth,
-                            init,
-                        );
-                    };
-                }
-            });
-            acc
+                            (dyb, px)
+                        };
+                        let a =
+                            Lhs::rows(da, c1 - c0, px, lda, packed::depth_block_in_place(c1 - c0));
+                        // Pixel t of the item: image n0 + t / band, row r0 + t % band / w.
+                        let offsets: Vec<usize> = (0..px)
+                            .map(|t| {
+                                let (n, q) = (it.n0 + t / band, t % band);
+                                pixel_at(n, it.r0 + q / s.w, q % s.w)
+                            })
+                            .collect();
+                        let out = acc.ptr();
+                        let tile_at = |j: usize| {
+                            let (b_at, c_at, ncols) = tile_of(j);
+                            (xt[b_at..].as_ptr(), out.wrapping_add(c_at), ncols)
+                        };
+                        let init = if j == 0 { Init::Set(None) } else { Init::Add };
+                        // SAFETY: B: tile j's reads start at its shift and channel block in
+                        // `xt` and run at most NR past the last pixel's offset: inside its
+                        // padded image plus the NR floats of slack; C: `acc`, this unit's own,
+                        // `c1 - c0` rows of `depth`, the tile's columns inside a row.
+                        unsafe {
+                            packed::multiply_in_place(
+                                &a,
+                                0..a.panels(),
+                                tiles,
+                                tile_at,
+                                &offsets,
+                                depth,
+                                init,
+                            );
+                        };
+                    }
+                });
+            };
+            // SAFETY: the group's first item sets every element (`Init::Set`: all of
+            // `A`'s rows, tiles of every shift and channel).
+            unsafe { filled((c1 - c0) * depth, fill) }
         })
         .collect();
     // Row o of the result: the groups' rows o (in block `o`'s part) summed in group order,
@@ -612,8 +620,9 @@ fn backward_weight_tiled(
             (b * co / blocks..(b + 1) * co / blocks).map(move |o| (b, o - b * co / blocks))
         })
         .collect();
-    let mut dw = vec![0.0; co * depth];
-    dw.par_chunks_mut(depth.max(1))
+    let mut dw: Vec<f32> = Vec::with_capacity(co * depth);
+    dw.spare_capacity_mut()[..co * depth]
+        .par_chunks_mut(depth.max(1))
         .zip(&block_of)
         .for_each_init(Vec::new, |sum, (row, &(b, r))| {
             // The groups' rows in order, whole rows at a time (they vectorise): each
@@ -626,12 +635,29 @@ fn backward_weight_tiled(
                     *v += p;
                 }
             }
-            for (e, shift) in sum.chunks_exact(c).enumerate() {
-                for (i, &v) in shift.iter().enumerate() {
-                    row[i * kk + e] = v;
+            // (e, i) -> (i, e): `sum` is kk x c, the row c x kk.
+            const T: usize = transpose::B;
+            let dst = row.as_mut_ptr().cast::<f32>();
+            for e0 in (0..kk).step_by(T) {
+                for c0 in (0..c).step_by(T) {
+                    let (eb, cb) = (T.min(kk - e0), T.min(c - c0));
+                    // SAFETY: reads inside `sum` (kk rows of c), writes inside the row
+                    // (c rows of kk).
+                    unsafe {
+                        transpose::block(
+                            sum[e0 * c + c0..].as_ptr(),
+                            c,
+                            dst.add(c0 * kk + e0),
+                            kk,
+                            eb,
+                            cb,
+                        );
+                    }
                 }
             }
         });
+    // SAFETY: each row was written whole: element i * kk + e for every channel and shift.
+    unsafe { dw.set_len(co * depth) };
     dw
 }
 
@@ -675,16 +701,12 @@ fn padded_nhwc(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
     let zero = MaybeUninit::new(0.0f32);
     let mut xt: Vec<f32> = Vec::with_capacity(body + NR);
     let spare = &mut xt.spare_capacity_mut()[..body + NR];
-    // Tiles of 16 channels by 16 pixels: each channel's 16 pixels read as one cache line
-    // into a local tile, then written out a pixel's 16 channels at a time. (Reading a
-    // pixel's channels straight from 16 planes a power of two apart put all 16 lines in
-    // one L1 set, which evicted them before the next pixel.)
-    const T: usize = 16;
+    // Blocks of 16 channels by 16 pixels, transposed in registers ([`transpose`]).
+    const T: usize = transpose::B;
     spare[..body]
         .par_chunks_mut((hp * wp * c).max(1))
         .zip(x.par_chunks((c * plane).max(1)))
         .for_each(|(dst, img)| {
-            let mut tile = [[0.0f32; T]; T];
             for (r, row) in dst.chunks_exact_mut(wp * c).enumerate() {
                 if r < p || r >= p + s.h {
                     row.fill(zero);
@@ -692,20 +714,23 @@ fn padded_nhwc(x: &[f32], s: Nchw, p: usize) -> Vec<f32> {
                 }
                 row[..p * c].fill(zero);
                 row[(p + s.w) * c..].fill(zero);
-                let line = &mut row[p * c..(p + s.w) * c];
+                let line = row[p * c..(p + s.w) * c].as_mut_ptr().cast::<f32>();
                 let src = &img[(r - p) * s.w..];
                 for c0 in (0..c).step_by(T) {
-                    let cb = T.min(c - c0);
                     for j0 in (0..s.w).step_by(T) {
-                        let jb = T.min(s.w - j0);
-                        for (i, t) in tile[..cb].iter_mut().enumerate() {
-                            t[..jb].copy_from_slice(&src[(c0 + i) * plane + j0..][..jb]);
-                        }
-                        for j in 0..jb {
-                            let px = &mut line[(j0 + j) * c + c0..][..cb];
-                            for (d, t) in px.iter_mut().zip(&tile) {
-                                d.write(t[j]);
-                            }
+                        let (cb, jb) = (T.min(c - c0), T.min(s.w - j0));
+                        // SAFETY: reads: channels c0..c0 + cb of the image, pixels
+                        // j0..j0 + jb of row r - p; writes: those pixels' channels in
+                        // this row's line (`s.w` pixels of `c`).
+                        unsafe {
+                            transpose::block(
+                                src[c0 * plane + j0..].as_ptr(),
+                                plane,
+                                line.add(j0 * c + c0),
+                                c,
+                                cb,
+                                jb,
+                            );
                         }
                     }
                 }

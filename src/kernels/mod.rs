@@ -27,6 +27,7 @@ mod isa;
 pub mod norm;
 pub mod packed;
 pub mod pool;
+mod transpose;
 pub mod upconv;
 
 /// Shape of an NCHW batch.

@@ -220,7 +220,19 @@ unsafe fn multiply_by<A: Panel>(
             let (r0, nrows) = a.panel_rows(i);
             let ap = panel(r0, k0);
             let start = start_rows(init, k0, r0, nrows);
+            let next = (i + 1 < panels.end).then(|| {
+                let (r0, nrows) = a.panel_rows(i + 1);
+                (panel(r0, k0), nrows)
+            });
+            let tiles = np / NR;
             for (j, bp) in b.chunks_exact(NR * kb).enumerate() {
+                if let Some((an, rows)) = next {
+                    // The next panel of `A` on its way to L1 while this one works: its
+                    // first tile would otherwise wait on memory (deep layers of small
+                    // images, whose weights are read once per block).
+                    // SAFETY: depths below kb, rows of the next panel.
+                    unsafe { prefetch_panel(an, a.rs, rows, j * kb / tiles..(j + 1) * kb / tiles) };
+                }
                 let q0 = j * NR;
                 let ncols = NR.min(p - q0);
                 let straight = ncols == NR && q0 % out.seg + NR <= out.seg;
@@ -253,6 +265,28 @@ unsafe fn multiply_by<A: Panel>(
             }
         }
     }
+}
+
+/// Asks for the cache lines of depths `ts` of the `rows` rows (`rs` apart) of panel `a`
+/// (every eighth depth: a line holds sixteen floats of a row, and a gathered panel's
+/// runs are nine long).
+///
+/// # Safety
+/// `ts` below the depth the panel was made for.
+#[inline(always)]
+unsafe fn prefetch_panel<A: Panel>(a: A, rs: usize, rows: usize, ts: Range<usize>) {
+    #[cfg(target_arch = "x86_64")]
+    for t in ts.step_by(8) {
+        // SAFETY: `t` is below the panel's depth (the caller's promise).
+        let p = unsafe { a.row(t) };
+        for r in 0..rows {
+            use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+            // SAFETY: a prefetch never faults, whatever the address.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(r * rs).cast()) };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (a, rs, rows, ts);
 }
 
 /// The panels are `A`'s and a bias has a value for each of their rows.
