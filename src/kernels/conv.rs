@@ -5,9 +5,9 @@
 //! (a convolution with the weights flipped and transposed) multiply the weights, read
 //! where they are stored (`[co, ci*k*k]`; the input gradient gathers the flipped ones,
 //! or on larger maps lays them out once), into bands of output rows, written in place
-//! in NCHW; their `B` is the input's columns (its rows shifted by each tap), read in
-//! place from a zero-padded copy for rows of [`NR`] pixels or more, else packed straight
-//! from the image. The weight gradient multiplies the output gradient by the columns
+//! in NCHW; their `B` is the input's columns (its rows shifted by each tap), from a
+//! zero-padded copy of the input: read in place for rows of [`NR`] pixels or more, else
+//! packed. The weight gradient multiplies the output gradient by the columns
 //! transposed, read in place from the input laid out as padded NHWC.
 
 use rayon::prelude::*;
@@ -123,40 +123,6 @@ impl Tiling {
     }
 }
 
-/// Rows `r0..r1` of one channel `plane` (`h x w`) shifted by `shift` = `dy * k + dx`:
-/// `out[(r - r0) * w + j] = plane[r + dy - p, j + dx - p]`, zero outside the image.
-#[allow(clippy::too_many_arguments)]
-fn shifted_rows(
-    plane: &[f32],
-    h: usize,
-    w: usize,
-    k: usize,
-    shift: usize,
-    r0: usize,
-    r1: usize,
-    out: &mut [f32],
-) {
-    let (p, dy, dx) = (k / 2, shift / k, shift % k);
-    for (out, r) in out.chunks_exact_mut(w).zip(r0..r1) {
-        // Source row r + dy - p, if inside the image.
-        let Some(sr) = (r + dy).checked_sub(p).filter(|&sr| sr < h) else {
-            out.fill(0.0);
-            continue;
-        };
-        let src = &plane[sr * w..(sr + 1) * w];
-        // out[j] = src[j + dx - p]
-        if dx >= p {
-            let s = (dx - p).min(w);
-            out[..w - s].copy_from_slice(&src[s..]);
-            out[w - s..].fill(0.0);
-        } else {
-            let s = (p - dx).min(w);
-            out[..s].fill(0.0);
-            out[s..].copy_from_slice(&src[..w - s]);
-        }
-    }
-}
-
 /// Pixels a work item of the forward pass aims at (its packed columns stay in L2).
 const ITEM_PX: usize = 256;
 
@@ -171,83 +137,74 @@ impl Tiling {
 }
 
 /// Writes rows `k0..k0 + kb` of item `it`'s columns (depth row `(ci, dy, dx)` holds
-/// `x[ci, r + dy - p, j + dx - p]`, zero outside the image) into `buf` as
-/// packed panels ([`packed::put`]); `row` is scratch space for a padded input row.
-#[allow(clippy::too_many_arguments)]
+/// `x[ci, r + dy - p, j + dx - p]`, zero outside the image) into `buf` as packed panels
+/// ([`packed::put`]), from `xp`, the input with `k / 2` zeros around each plane: each
+/// image row's run of a depth row is `w` floats in a row of `xp`, at `offs[t]` (depth
+/// row `k0 + t`'s place in an image's padded planes) past the row's own.
 fn pack_columns(
-    x: &[f32],
+    xp: &[f32],
     s: Nchw,
     k: usize,
     it: Item,
     (k0, kb): (usize, usize),
     buf: &mut [f32],
-    row: &mut Vec<f32>,
 ) {
-    let (p, w, plane, kk) = (k / 2, s.w, s.plane(), k * k);
-    let band = (it.r1 - it.r0) * w;
-    if w < NR {
-        return pack_narrow_columns(x, s, k, it, (k0, kb), buf, row);
-    }
-    let padded = scratch(row, w + 2 * p);
-    padded[..p].fill(0.0);
-    padded[p + w..].fill(0.0);
-    for (i, n) in (it.n0..it.n1).enumerate() {
-        let xn = &x[n * s.c * plane..][..s.c * plane];
-        for r in it.r0..it.r1 {
-            let q = i * band + (r - it.r0) * w;
-            let mut d = k0;
-            while d < k0 + kb {
-                // Depth rows d.. share channel ci and shift dy; dx runs on to dx1.
-                let (ci, dy, dx0) = (d / kk, d / k % k, d % k);
-                let dx1 = k.min(dx0 + k0 + kb - d);
-                let t = d - k0;
-                match (r + dy).checked_sub(p).filter(|&sr| sr < s.h) {
-                    None => {
-                        for dx in dx0..dx1 {
-                            packed::put_zeros(buf, kb, t + dx - dx0, q, w);
-                        }
-                    }
-                    Some(sr) => {
-                        let src = &xn[ci * plane + sr * w..][..w];
-                        if p == 0 {
-                            packed::put(buf, kb, t, q, src);
-                        } else {
-                            padded[p..p + w].copy_from_slice(src);
-                            for dx in dx0..dx1 {
-                                packed::put(buf, kb, t + dx - dx0, q, &padded[dx..dx + w]);
-                            }
-                        }
+    let (kk, hp, wp) = (k * k, s.h + k - 1, s.w + k - 1);
+    let offs: Vec<usize> = (k0..k0 + kb)
+        .map(|d| (d / kk * hp + d / k % k) * wp + d % k)
+        .collect();
+    match s.w {
+        8 => pack_runs::<8>(xp, s, k, it, &offs, buf),
+        4 => pack_runs::<4>(xp, s, k, it, &offs, buf),
+        2 => pack_runs::<2>(xp, s, k, it, &offs, buf),
+        1 => pack_runs::<1>(xp, s, k, it, &offs, buf),
+        w => {
+            let band = (it.r1 - it.r0) * w;
+            for (t, &o) in offs.iter().enumerate() {
+                for (i, n) in (it.n0..it.n1).enumerate() {
+                    for r in it.r0..it.r1 {
+                        let q = i * band + (r - it.r0) * w;
+                        let run = &xp[(n * s.c * hp + r) * wp + o..][..w];
+                        packed::put(buf, kb, t, q, run);
                     }
                 }
-                d += dx1 - dx0;
             }
         }
     }
 }
 
-/// [`pack_columns`] for rows narrower than a panel: each depth row of an image's band is
-/// built whole ([`shifted_rows`]), then packed in one run.
-#[allow(clippy::too_many_arguments)]
-fn pack_narrow_columns(
-    x: &[f32],
+/// [`pack_columns`] for rows of `W` pixels, `W` dividing [`NR`]: a panel's columns are
+/// `NR / W` whole runs, and it is written a row of [`NR`] floats at a time.
+fn pack_runs<const W: usize>(
+    xp: &[f32],
     s: Nchw,
     k: usize,
     it: Item,
-    (k0, kb): (usize, usize),
+    offs: &[usize],
     buf: &mut [f32],
-    row: &mut Vec<f32>,
 ) {
-    let (plane, kk) = (s.plane(), k * k);
-    let band = (it.r1 - it.r0) * s.w;
-    let line = scratch(row, band);
-    for (i, n) in (it.n0..it.n1).enumerate() {
-        let xn = &x[n * s.c * plane..][..s.c * plane];
-        for d in k0..k0 + kb {
-            let ci = d / kk;
-            // The one depth row d: channel ci, shift d % kk.
-            let one = &xn[ci * plane..][..plane];
-            shifted_rows(one, s.h, s.w, k, d % kk, it.r0, it.r1, line);
-            packed::put(buf, kb, d - k0, i * band, line);
+    let (hp, wp) = (s.h + k - 1, s.w + k - 1);
+    let band = (it.r1 - it.r0) * W;
+    let cols = (it.n1 - it.n0) * band;
+    let kb = offs.len();
+    for (j, panel) in buf
+        .chunks_exact_mut(NR * kb)
+        .take(cols.div_ceil(NR))
+        .enumerate()
+    {
+        // Where each run of the panel starts in `xp` (its image and row), at depth 0.
+        let mut starts = [0; NR];
+        let runs = (NR / W).min((cols - j * NR).div_ceil(W));
+        for (u, at) in starts[..runs].iter_mut().enumerate() {
+            let q = j * NR + u * W;
+            let (n, r) = (it.n0 + q / band, it.r0 + q % band / W);
+            *at = (n * s.c * hp + r) * wp;
+        }
+        for (row, &o) in panel.chunks_exact_mut(NR).zip(offs) {
+            for (u, &at) in starts[..runs].iter().enumerate() {
+                let dst: &mut [f32; W] = (&mut row[u * W..][..W]).try_into().unwrap();
+                *dst = xp[at + o..][..W].try_into().unwrap();
+            }
         }
     }
 }
@@ -307,17 +264,18 @@ fn forward_tiled<'a>(
         .div_ceil(items.max(1))
         .clamp(1, panels.max(1));
     let unit_panels = |c: usize| (c * panels / chunks)..((c + 1) * panels / chunks);
+    // B from a zero-padded copy of the input (a 1x1 convolution reads the input itself,
+    // unless read in place on rows that leave a partial panel).
+    let (p, hp, wp) = (k / 2, s.h + k - 1, s.w + k - 1);
+    let copy;
+    let xp: &[f32] = if p == 0 && (!in_place || s.w.is_multiple_of(NR)) {
+        x
+    } else {
+        copy = padded(x, s, p);
+        &copy
+    };
     if in_place {
-        // Rows at least a panel wide: B read straight from a zero-padded copy of the
-        // input (a 1x1 convolution of whole panels reads the input itself).
-        let (p, hp, wp) = (k / 2, s.h + k - 1, s.w + k - 1);
-        let copy;
-        let xp: &[f32] = if p == 0 && s.w.is_multiple_of(NR) {
-            x
-        } else {
-            copy = padded(x, s, p);
-            &copy
-        };
+        // Rows at least a panel wide: B read straight from the padded copy.
         let offsets: Vec<usize> = (0..depth)
             .map(|d| (d / (k * k)) * hp * wp + (d / k % k) * wp + d % k)
             .collect();
@@ -365,8 +323,8 @@ fn forward_tiled<'a>(
                 seg: (it.r1 - it.r0) * s.w,
                 seg_stride: co * plane,
             };
-            with_scratch(|col, row, _| {
-                let pack = |k0, kb, buf: &mut [f32]| pack_columns(x, s, k, it, (k0, kb), buf, row);
+            with_scratch(|col, _, _| {
+                let pack = |k0, kb, buf: &mut [f32]| pack_columns(xp, s, k, it, (k0, kb), buf);
                 // SAFETY: the unit's rows (channels) of its images' bands: inside `y`
                 // (`s.n * co * plane` floats), and no other unit's.
                 unsafe {
@@ -784,11 +742,15 @@ mod tests {
 
     #[test]
     fn forward_and_gradients_match_the_definition() {
-        // Rows narrower than a panel (columns packed), and wider ones (read in place:
-        // 18 leaves a partial tile per row; 1x1 at 16 reads the input itself).
-        // Three channels, and one (the first layer: its weight gradient takes all taps
-        // in one row of B).
+        // Rows narrower than a panel (columns packed; 8 and 4 a panel's whole runs, the
+        // last panel partial), and wider ones (read in place: 18 leaves a partial tile
+        // per row; 1x1 at 16 reads the input itself). Three channels, and one (the
+        // first layer: its weight gradient takes all taps in one row of B).
         for ((k, rows, imgs, w), c) in [
+            (3, 2, 1, 8),
+            (3, 5, 2, 4),
+            (5, 5, 3, 8),
+            (1, 5, 2, 4),
             (3, 2, 1, 7),
             (3, 100, 1, 7),
             (1, 3, 1, 7),
