@@ -9,6 +9,7 @@ use rayon::prelude::*;
 
 use super::conv::{Bands, band_rows};
 use super::gemm::{gemm, gemm_ptr, mat};
+use super::isa::wide;
 use super::{
     Nchw, REDUCE_GROUPS, Shared, band, filled, reduce_in_order, relu_gradient, scratch,
     with_scratch,
@@ -22,22 +23,25 @@ fn unshuffle(dy: &[f32], co: usize, s: Nchw, n: usize, (r0, r1): (usize, usize),
     let dy = &dy[n * co * 4 * h * w..][..co * 4 * h * w];
     let px = (r1 - r0) * w;
     let (oh, ow) = (2 * h, 2 * w);
-    for o in 0..co {
-        for a in 0..2 {
-            for b in 0..2 {
-                let row = &mut u[((o * 4) + a * 2 + b) * px..][..px];
-                for (i, r) in (r0..r1).enumerate() {
-                    let src = &dy[(o * oh + 2 * r + a) * ow..][..ow];
-                    for (d, s) in row[i * w..(i + 1) * w]
-                        .iter_mut()
-                        .zip(src[b..].iter().step_by(2))
-                    {
-                        *d = *s;
+    wide(
+        #[inline(always)]
+        || {
+            for o in 0..co {
+                for a in 0..2 {
+                    // Output row 2r + a's even and odd pixels into rows b = 0 and 1.
+                    let (even, odd) = u[(o * 4 + a * 2) * px..][..2 * px].split_at_mut(px);
+                    for (i, r) in (r0..r1).enumerate() {
+                        let src = &dy[(o * oh + 2 * r + a) * ow..][..ow];
+                        let (e, d) = (&mut even[i * w..][..w], &mut odd[i * w..][..w]);
+                        for ((e, d), pair) in e.iter_mut().zip(d).zip(src.as_chunks::<2>().0) {
+                            *e = pair[0];
+                            *d = pair[1];
+                        }
                     }
                 }
             }
-        }
-    }
+        },
+    );
 }
 
 /// `y = conv_transpose(x, weight) + bias`: `x` of shape `s`, `weight` `[s.c, co, 2, 2]`;
@@ -154,29 +158,35 @@ unsafe fn forward_in_bands(
             let rhs = band(x, s, n, r0, r1);
             let t = scratch(t, co * 4 * px);
             gemm(t, px, 1, wt, rhs, false);
-            for o in 0..co {
-                let b = bias.map_or(0.0, |b| b[o]);
-                let ch = n * dest.channels + dest.first + o;
-                // SAFETY: output rows 2*r0..2*r1 of channel `ch`: inside `out` (the
-                // caller's promise), and no other item's rows.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(
-                        out.ptr().add((ch * oh + 2 * r0) * ow),
-                        2 * (r1 - r0) * ow,
-                    )
-                };
-                for a in 0..2 {
-                    for bb in 0..2 {
-                        let src = &t[(o * 4 + a * 2 + bb) * px..][..px];
-                        for (i, line) in src.chunks_exact(s.w).enumerate() {
-                            let row = &mut dst[(2 * i + a) * ow..][..ow];
-                            for (d, v) in row[bb..].iter_mut().step_by(2).zip(line) {
-                                *d = if dest.relu { (v + b).max(0.0) } else { v + b };
+            wide(
+                #[inline(always)]
+                || {
+                    for o in 0..co {
+                        let b = bias.map_or(0.0, |b| b[o]);
+                        let ch = n * dest.channels + dest.first + o;
+                        // SAFETY: output rows 2*r0..2*r1 of channel `ch`: inside `out` (the
+                        // caller's promise), and no other item's rows.
+                        let dst = unsafe {
+                            std::slice::from_raw_parts_mut(
+                                out.ptr().add((ch * oh + 2 * r0) * ow),
+                                2 * (r1 - r0) * ow,
+                            )
+                        };
+                        let f = |v: f32| if dest.relu { (v + b).max(0.0) } else { v + b };
+                        for a in 0..2 {
+                            // Rows b = 0 and 1 as output row 2i + a's even and odd pixels.
+                            let (even, odd) = t[(o * 4 + a * 2) * px..][..2 * px].split_at(px);
+                            let lines = even.chunks_exact(s.w).zip(odd.chunks_exact(s.w));
+                            for (i, (e, d)) in lines.enumerate() {
+                                let row = dst[(2 * i + a) * ow..][..ow].as_chunks_mut::<2>().0;
+                                for ((pair, e), d) in row.iter_mut().zip(e).zip(d) {
+                                    *pair = [f(*e), f(*d)];
+                                }
                             }
                         }
                     }
-                }
-            }
+                },
+            );
         });
     });
 }
