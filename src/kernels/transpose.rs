@@ -23,7 +23,7 @@ pub unsafe fn block(
     rows: usize,
     cols: usize,
 ) {
-    debug_assert!(rows <= B && cols <= B);
+    assert!(rows <= B && cols <= B, "a block of {rows}x{cols}");
     #[cfg(target_arch = "x86_64")]
     if isas()[0] == Isa::Avx512 {
         // SAFETY: the processor has AVX-512F; the rest is the caller's promise.
