@@ -700,17 +700,11 @@ pub fn put(buf: &mut [f32], kb: usize, t: usize, mut q: usize, mut vals: &[f32])
         let lane = q % NR;
         let len = (NR - lane).min(vals.len());
         let off = (q / NR) * kb * NR + t * NR + lane;
-        // Runs of fixed lengths are copied inline: a `memcpy` call per run of a narrow
-        // image's row cost more than the copy.
-        fn fixed<const L: usize>(dst: &mut [f32], src: &[f32]) {
-            let dst: &mut [f32; L] = (&mut dst[..L]).try_into().unwrap();
-            *dst = src[..L].try_into().unwrap();
-        }
-        match len {
-            NR => fixed::<NR>(&mut buf[off..], vals),
-            8 => fixed::<8>(&mut buf[off..], vals),
-            4 => fixed::<4>(&mut buf[off..], vals),
-            _ => buf[off..off + len].copy_from_slice(&vals[..len]),
+        if len == NR {
+            let dst: &mut [f32; NR] = (&mut buf[off..off + NR]).try_into().unwrap();
+            *dst = vals[..NR].try_into().unwrap();
+        } else {
+            buf[off..off + len].copy_from_slice(&vals[..len]);
         }
         q += len;
         vals = &vals[len..];
